@@ -1,0 +1,91 @@
+package nbdattach
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Reading nbd devices from sysfs. The functions take an fs.FS rooted at
+// /sys/block so that tests can hand them an fstest.MapFS.
+//
+//	/sys/block/nbdN/pid      the receiving task; present only while the
+//	                         device is started (connected)
+//	/sys/block/nbdN/size     capacity in 512-byte sectors
+//	/sys/block/nbdN/backend  NBD_ATTR_BACKEND_IDENTIFIER (netlink, 5.x+)
+
+// sysfsDevices lists the nbd devices; Connected means a pid file exists.
+func sysfsDevices(sys fs.FS) ([]DeviceStatus, error) {
+	entries, err := fs.ReadDir(sys, ".")
+	if err != nil {
+		return nil, fmt.Errorf("nbdattach: listing block devices: %w", err)
+	}
+	var devs []DeviceStatus
+	for _, e := range entries {
+		idx, ok := nbdIndex(e.Name())
+		if !ok {
+			continue
+		}
+		connected, err := sysfsConnected(sys, idx)
+		if err != nil {
+			return nil, err
+		}
+		devs = append(devs, DeviceStatus{Index: idx, Connected: connected})
+	}
+	sort.Slice(devs, func(i, j int) bool { return devs[i].Index < devs[j].Index })
+	return devs, nil
+}
+
+// nbdIndex parses "nbd12" into 12.
+func nbdIndex(name string) (int, bool) {
+	digits, ok := strings.CutPrefix(name, "nbd")
+	if !ok || digits == "" || (len(digits) > 1 && digits[0] == '0') {
+		return 0, false
+	}
+	n, err := strconv.Atoi(digits)
+	return n, err == nil && n >= 0
+}
+
+func sysfsConnected(sys fs.FS, index int) (bool, error) {
+	_, err := fs.Stat(sys, fmt.Sprintf("nbd%d/pid", index))
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	}
+	return false, fmt.Errorf("nbdattach: nbd%d: %w", index, err)
+}
+
+// sysfsSize returns the capacity of nbd device index in bytes.
+func sysfsSize(sys fs.FS, index int) (int64, error) {
+	s, err := sysfsRead(sys, index, "size")
+	if err != nil {
+		return 0, err
+	}
+	sectors, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || sectors < 0 || sectors > 1<<54 {
+		return 0, fmt.Errorf("nbdattach: nbd%d/size %q: not a sector count", index, s)
+	}
+	return sectors * 512, nil
+}
+
+// sysfsBackend returns the backend identifier, "" if the device has none.
+func sysfsBackend(sys fs.FS, index int) (string, error) {
+	s, err := sysfsRead(sys, index, "backend")
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	return s, err
+}
+
+func sysfsRead(sys fs.FS, index int, name string) (string, error) {
+	b, err := fs.ReadFile(sys, fmt.Sprintf("nbd%d/%s", index, name))
+	if err != nil {
+		return "", fmt.Errorf("nbdattach: reading nbd%d/%s: %w", index, name, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
