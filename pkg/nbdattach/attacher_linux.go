@@ -1,0 +1,238 @@
+//go:build linux
+
+package nbdattach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"time"
+)
+
+// kernelControl is the kernel's nbd control plane: the generic netlink
+// family or the ioctls on /dev/nbdX. It is an interface, owned here at the
+// OS boundary, so that everything above it (socket plumbing, ordering,
+// serving, error handling) runs in unit tests without root or an nbd
+// module; the fake in attach_test.go plays the kernel over real sockets.
+type kernelControl interface {
+	iface() Interface
+	// connect starts a device with c.SocketFDs (which the kernel keeps its
+	// own references to) and returns its index.
+	connect(ctx context.Context, c deviceConfig) (int, error)
+	// reconfigure changes a live device: sockets replace dead ones (a
+	// socket is dropped silently when none is dead), Size resizes.
+	reconfigure(ctx context.Context, c deviceConfig) error
+	// disconnect tells the server goodbye, drops the sockets and fails
+	// whatever I/O is still queued.
+	disconnect(ctx context.Context, index int) error
+	// status lists devices; index >= 0 asks about that one only.
+	status(ctx context.Context, index int) ([]DeviceStatus, error)
+}
+
+// blockDevices is the rest of the node the attach logic touches: the device
+// nodes (to flush the page cache through the device) and /sys/block. An
+// interface for the same reason as kernelControl.
+type blockDevices interface {
+	// flush writes back the device's dirty pages and sends a FLUSH; it
+	// fails with ErrDeviceBusy if the device is mounted.
+	flush(ctx context.Context, index int) error
+	// sys is /sys/block.
+	sys() fs.FS
+}
+
+// Attacher attaches exports to /dev/nbdX. It holds no state about devices:
+// what is attached is read from the kernel each time, so a restarted
+// process sees the devices its predecessor left (see Reconnect). It is safe
+// for concurrent use.
+type Attacher struct {
+	ctl kernelControl
+	dev blockDevices
+}
+
+// AttacherOptions configure NewAttacher.
+type AttacherOptions struct {
+	// Interface picks the kernel interface; InterfaceAuto prefers netlink.
+	Interface Interface
+}
+
+// NewAttacher returns an Attacher using the netlink family "nbd" or, where
+// the kernel lacks it or opts say so, the ioctls.
+func NewAttacher(opts AttacherOptions) (*Attacher, error) {
+	dev := hostBlockDevices{root: os.DirFS("/sys/block")}
+	switch opts.Interface {
+	case InterfaceIoctl:
+		return &Attacher{ctl: newIoctlControl(dev.sys()), dev: dev}, nil
+	case InterfaceNetlink, InterfaceAuto:
+		nl := netlinkControl{}
+		err := nl.probe()
+		if err == nil {
+			return &Attacher{ctl: nl, dev: dev}, nil
+		}
+		if opts.Interface == InterfaceNetlink {
+			return nil, err
+		}
+		return &Attacher{ctl: newIoctlControl(dev.sys()), dev: dev}, nil
+	}
+	return nil, fmt.Errorf("nbdattach: interface %v: %w", opts.Interface, ErrNotSupported)
+}
+
+// Interface returns the kernel interface in use.
+func (a *Attacher) Interface() Interface { return a.ctl.iface() }
+
+// Attach serves srv to the kernel on opts.Connections new sockets and
+// starts an nbd device on them, telling the kernel the export's size and
+// flags. Serving starts before the kernel's first request (a partition
+// scan) can arrive; it ends with Detach, or when the kernel drops the
+// sockets.
+func (a *Attacher) Attach(ctx context.Context, srv Server, opts AttachOptions) (*Device, error) {
+	opts = opts.withDefaults(srv)
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	cfg, err := opts.deviceConfig(srv)
+	if err != nil {
+		return nil, err
+	}
+	kernel, server, err := socketPairs(opts.Connections)
+	if err != nil {
+		return nil, err
+	}
+	defer closeFDs(kernel) // the kernel holds its own references
+	d := newDevice(a, srv, opts)
+	if err := d.serve(server); err != nil {
+		return nil, err
+	}
+	cfg.SocketFDs = kernel
+	index, err := a.ctl.connect(ctx, cfg)
+	if err != nil {
+		d.stopQueues()
+		return nil, err
+	}
+	d.setIndex(index)
+	return d, nil
+}
+
+// Reconnect takes over a live device left by a previous process (or by a
+// server that stopped): it hands the kernel new sockets for the dead ones,
+// served by srv, and returns the device. Netlink only. opts.Identifier, if
+// set, must match the one the device was attached with.
+func (a *Attacher) Reconnect(ctx context.Context, index int, srv Server, opts AttachOptions) (*Device, error) {
+	if a.ctl.iface() != InterfaceNetlink {
+		return nil, fmt.Errorf("nbdattach: reconnecting nbd%d over %v: %w", index, a.ctl.iface(), ErrNotSupported)
+	}
+	opts.Index = index
+	opts = opts.withDefaults(srv)
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	if index < 0 {
+		return nil, fmt.Errorf("nbdattach: reconnect needs an index: %w", ErrInvalidAttachOptions)
+	}
+	if ok, err := a.connected(ctx, index); err != nil || !ok {
+		return nil, errors.Join(err, fmt.Errorf("nbdattach: reconnecting nbd%d: %w", index, ErrNotConnected))
+	}
+	d := newDevice(a, srv, opts)
+	d.setIndex(index)
+	if err := d.reconnect(ctx); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Disconnect detaches device index without a Device, e.g. one left by a
+// previous process: it flushes the device, disconnects it and waits until
+// it is free (bounded by ctx, or idleWait if ctx has no deadline). Like
+// Detach, it refuses a mounted device.
+func (a *Attacher) Disconnect(ctx context.Context, index int) error {
+	if err := a.dev.flush(ctx, index); err != nil {
+		return fmt.Errorf("nbdattach: flushing nbd%d before disconnect: %w", index, err)
+	}
+	if err := a.ctl.disconnect(ctx, index); err != nil {
+		return err
+	}
+	return a.waitIdle(ctx, index)
+}
+
+// Devices lists the node's nbd devices.
+func (a *Attacher) Devices(ctx context.Context) ([]DeviceStatus, error) {
+	return a.ctl.status(ctx, AnyIndex)
+}
+
+// FreeDevices counts the devices that are neither connected nor held open.
+func (a *Attacher) FreeDevices(ctx context.Context) (int, error) {
+	devs, err := a.Devices(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, d := range devs {
+		if !d.Connected {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// FindByIdentifier returns the index of the connected device attached with
+// AttachOptions.Identifier id (netlink only), or ErrNotFound.
+func (a *Attacher) FindByIdentifier(ctx context.Context, id string) (int, error) {
+	devs, err := a.Devices(ctx)
+	if err != nil {
+		return 0, err
+	}
+	for _, d := range devs {
+		if !d.Connected {
+			continue
+		}
+		backend, err := sysfsBackend(a.dev.sys(), d.Index)
+		if err != nil {
+			return 0, err
+		}
+		if id != "" && backend == id {
+			return d.Index, nil
+		}
+	}
+	return 0, fmt.Errorf("nbdattach: identifier %q: %w", id, ErrNotFound)
+}
+
+func (a *Attacher) connected(ctx context.Context, index int) (bool, error) {
+	devs, err := a.ctl.status(ctx, index)
+	if err != nil {
+		return false, err
+	}
+	for _, d := range devs {
+		if d.Index == index {
+			return d.Connected, nil
+		}
+	}
+	return false, nil
+}
+
+// idleWait bounds waitIdle when the context has no deadline: a device that
+// stays open (mounted, say) would otherwise be waited for forever.
+const idleWait = 30 * time.Second
+
+// waitIdle waits until device index is free: disconnected and closed by
+// everyone.
+func (a *Attacher) waitIdle(ctx context.Context, index int) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, idleWait)
+		defer cancel()
+	}
+	delay := 5 * time.Millisecond
+	for {
+		busy, err := a.connected(ctx, index)
+		if err != nil || !busy {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("nbdattach: nbd%d still in use after disconnect (%w): %w", index, ctx.Err(), ErrDeviceBusy)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 100*time.Millisecond)
+	}
+}

@@ -1,0 +1,42 @@
+//go:build linux
+
+package nbdattach
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+
+	"golang.org/x/sys/unix"
+)
+
+// hostBlockDevices is blockDevices on the real node.
+type hostBlockDevices struct{ root fs.FS }
+
+var _ blockDevices = hostBlockDevices{}
+
+func (h hostBlockDevices) sys() fs.FS { return h.root }
+
+// flush fsyncs the block device: the kernel writes back the device's dirty
+// page cache and then sends NBD_CMD_FLUSH, which the server answers only
+// once everything is durable. A read-only descriptor is enough for fsync and
+// also works on a read-only device. It is opened O_EXCL, which a mounted
+// filesystem (or anyone else holding the device exclusively) makes fail
+// with EBUSY: a disconnect must not pull a device from under a mount.
+func (hostBlockDevices) flush(ctx context.Context, index int) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	fd, err := unix.Open(DevicePath(index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err == unix.EBUSY {
+		return fmt.Errorf("%s is mounted or held exclusively: %w: %w", DevicePath(index), ErrDeviceBusy, err)
+	}
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", DevicePath(index), err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return fmt.Errorf("fsync %s: %w", DevicePath(index), err)
+	}
+	return nil
+}
