@@ -84,4 +84,54 @@
 // from the spec, and protocol_test.go uses go-nbd's protocol package as an
 // independent transcription to cross-check every constant and header layout
 // the two share. Its client (the ioctl attach) concerns the attach side.
+//
+// # Attaching to /dev/nbdX (Linux)
+//
+// An Attacher hands any Server (an *Export) to the kernel's nbd driver:
+//
+//	a, err := nbdattach.NewAttacher(nbdattach.AttacherOptions{})  // netlink, else ioctls
+//	d, err := a.Attach(ctx, e, nbdattach.AttachOptions{Index: nbdattach.AnyIndex,
+//		Connections: 4, DeadConnTimeout: time.Minute, Identifier: volID})
+//	err = d.Resize(ctx, newSize)    // live; grow the filesystem afterwards
+//	err = d.Reconfigure(ctx)        // new sockets for a live device
+//	err = d.Detach(ctx)             // fsync, disconnect, wait until free
+//	d, err = a.Reconnect(ctx, index, e, opts) // after a restart
+//	n, err := a.FreeDevices(ctx)    // a.Devices, a.FindByIdentifier
+//
+// Attach makes one AF_UNIX socketpair per connection (each becomes a
+// blk-mq hardware queue; more than one needs FlagCanMultiConn), serves one
+// end of each with ServeTransmission, starting before the kernel's
+// partition scan can arrive, and passes the other ends to the kernel
+// together with the size, a 4096-byte block size, the export's flags (so
+// the kernel sends FLUSH and FUA) and the timeouts. The kernel is driven
+// through the generic netlink family "nbd" (NBD_CMD_CONNECT, DISCONNECT,
+// RECONFIGURE, STATUS) on a raw NETLINK_GENERIC socket, or, where that
+// family is missing, through the ioctls (NBD_SET_BLKSIZE, SET_SIZE_BLOCKS,
+// SET_FLAGS, SET_TIMEOUT, SET_SOCK, then NBD_DO_IT blocking on a goroutine
+// locked to its thread with signals blocked, since a signal would tear the
+// device down). Only netlink can hand a live device new sockets, set a
+// dead-connection timeout or a backend identifier.
+//
+// Detach first fsyncs the device, which writes back its page cache and
+// makes the kernel send NBD_CMD_FLUSH (a disconnect fails whatever is still
+// queued), through a descriptor opened O_EXCL, so that a mounted device is
+// refused with ErrDeviceBusy; if the flush fails the device stays attached.
+// It then disconnects, waits for the sockets to be done, and for the kernel
+// to report the device free, which it does only once nobody holds it open.
+// Reconfigure retires each old socket
+// by shutting down its sending side and waiting for the kernel to mark it
+// dead (the kernel only replaces dead connections, and silently drops a
+// socket it has no dead slot for); a dropped socket is detected because its
+// peer is gone once our copy of the kernel end is closed, and is offered
+// again. Reconnect does the same for a device whose server process died:
+// with AttachOptions.DeadConnTimeout set, I/O issued meanwhile waits for it
+// instead of failing, and the kernel refuses it if the Identifier differs.
+//
+// The Attacher keeps no state about devices; it reads them from the kernel
+// (NBD_CMD_STATUS, or /sys/block/nbdN/pid for the ioctls, and
+// /sys/block/nbdN/backend for identifiers). The kernel's control plane and
+// the block device nodes sit behind two small interfaces so that unit
+// tests drive the whole attach logic against a fake kernel over real
+// sockets, without root; TestGuest exercises the real driver, through both
+// interfaces, inside the VM of hack/vm (hack/vm/test-nbdattach.sh).
 package nbdattach
