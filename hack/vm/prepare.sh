@@ -104,6 +104,10 @@ extract_vmlinux() {
 }
 
 ensure_packages
+# Guests may boot in parallel (CI runs several suites); one prepares the
+# cache at a time, the others then find it ready.
+exec 9>"$cache/.lock"
+flock 9
 pkg=$(kernel_pkg)
 fetch_kernel "$pkg"
 kroot=$cache/kernel/$pkg/root
