@@ -38,6 +38,7 @@ func TestGuest(t *testing.T) {
 			}
 			t.Run("BlockIO", func(t *testing.T) { guestBlockIO(t, a) })
 			t.Run("Ext4ResizeDetach", func(t *testing.T) { guestExt4(t, a) })
+			t.Run("ReadOnly", func(t *testing.T) { guestReadOnly(t, a) })
 			if iface == InterfaceNetlink {
 				t.Run("Reconfigure", func(t *testing.T) { guestReconfigure(t, a) })
 				t.Run("Reconnect", func(t *testing.T) { guestReconnect(t, a) })
@@ -444,4 +445,32 @@ func guestXFS(t *testing.T, a *Attacher) {
 		t.Fatal(err)
 	}
 	guestRun(t, "xfs_repair", "-n", d.Path)
+}
+
+// guestReadOnly attaches a read-only export: the kernel must make the disk
+// read-only and refuse writes, reads must work, and Detach (which flushes
+// through a read-only descriptor) must too.
+func guestReadOnly(t *testing.T, a *Attacher) {
+	b := NewMemBackend(4 * guestMiB)
+	want := bytes.Repeat([]byte("ro"), 2048)
+	if _, err := b.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewExport(b, ExportOptions{Name: "ro", ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := guestAttach(t, a, e, AttachOptions{Index: AnyIndex, Connections: 2})
+	if ro, err := sysfsRead(a.dev.sys(), d.Index, "ro"); err != nil || ro != "1" {
+		t.Errorf("/sys/block/nbd%d/ro = %q (%v), want 1", d.Index, ro, err)
+	}
+	// Linux 6.x lets a read-only disk be opened for writing and fails the
+	// writes instead.
+	if err := guestDirectWrite(d.Path, 0, 1); err == nil {
+		t.Errorf("an O_DIRECT write to a read-only device succeeded")
+	}
+	got, err := os.ReadFile(d.Path)
+	if err != nil || !bytes.Equal(got[:len(want)], want) {
+		t.Errorf("reading the read-only device: %v", err)
+	}
 }
