@@ -160,7 +160,10 @@ func (a *Attacher) Devices(ctx context.Context) ([]DeviceStatus, error) {
 	return a.ctl.status(ctx, AnyIndex)
 }
 
-// FreeDevices counts the devices that are neither connected nor held open.
+// FreeDevices counts the devices that are neither connected nor held open
+// (over the ioctls: not connected). It is a count of existing devices, not
+// a hard limit: over netlink, Attach with AnyIndex makes the kernel add a
+// device when none is free.
 func (a *Attacher) FreeDevices(ctx context.Context) (int, error) {
 	devs, err := a.Devices(ctx)
 	if err != nil {
