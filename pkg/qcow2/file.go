@@ -1,0 +1,85 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is the host file an image lives in. It is an interface so tests can
+// inject faults (ENOSPC, EIO) and record write/flush order for power-cut
+// simulation; *os.File is wrapped by OSFile.
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	// Sync makes every completed write durable (fdatasync).
+	Sync() error
+	// Size is the current length of the file.
+	Size() (int64, error)
+	// Truncate sets the length of the file.
+	Truncate(size int64) error
+	// PunchHole deallocates a byte range; it reads back as zeros afterwards.
+	// Filesystems without hole punching may return an error; callers treat
+	// that as advisory.
+	PunchHole(off, length int64) error
+	Close() error
+}
+
+// OSFile adapts *os.File to File.
+type OSFile struct{ *os.File }
+
+var _ File = OSFile{}
+
+// Sync issues fdatasync: data and the metadata needed to read it back.
+func (f OSFile) Sync() error {
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", f.Name(), err)
+	}
+	return nil
+}
+
+// Size returns the file's length.
+func (f OSFile) Size() (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// PunchHole deallocates [off, off+length) keeping the file size.
+func (f OSFile) PunchHole(off, length int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil {
+		return fmt.Errorf("punch hole at %#x+%#x: %w", off, length, err)
+	}
+	return nil
+}
+
+// errNoHoles is how callers learn that hole punching is unavailable.
+var errNoHoles = errors.New("qcow2: host file cannot punch holes")
+
+// readFull reads exactly len(p) bytes at off; bytes beyond the end of the
+// host file read as zeros (clusters may be allocated past EOF until written).
+func readFull(f io.ReaderAt, p []byte, off int64) error {
+	n, err := f.ReadAt(p, off)
+	if err == io.EOF || (err == nil && n == len(p)) {
+		clear(p[n:])
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read %d bytes at %#x: %w", len(p), off, err)
+	}
+	return nil
+}
+
+// writeFull writes all of p at off.
+func writeFull(f io.WriterAt, p []byte, off int64) error {
+	if _, err := f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("write %d bytes at %#x: %w", len(p), off, err)
+	}
+	return nil
+}

@@ -1,0 +1,243 @@
+package qcow2
+
+import (
+	"fmt"
+)
+
+// maxAllocBytes bounds one allocating host write (and the clusters one
+// planning step reserves).
+const maxAllocBytes = 8 << 20
+
+// writePlan is what one planning step under mu decided for the head of a
+// write: wait for another writer, write in place, or allocate.
+type writePlan struct {
+	wait    chan struct{}
+	n       int64 // guest bytes covered
+	host    int64 // host offset to write at (in place: of the first byte)
+	inPlace bool
+	first   int64     // allocating: first guest cluster index
+	old     []l2Entry // allocating: the entries being replaced
+}
+
+// WriteAt writes p at guest offset off (io.WriterAt). Writes past the
+// virtual size fail with ErrInvalid.
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	if err := img.checkOpen(true); err != nil {
+		return 0, err
+	}
+	img.ioGate.RLock()
+	defer img.ioGate.RUnlock()
+	if err := img.checkRange(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		n, err := img.writeStep(p[done:], off+int64(done))
+		done += int(n)
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+func (img *Image) checkRange(off, n int64) error {
+	size := img.Size()
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("range %d+%d outside a %d-byte disk: %w", off, n, size, ErrInvalid)
+	}
+	return nil
+}
+
+// writeStep writes a prefix of p and returns how much it wrote.
+func (img *Image) writeStep(p []byte, off int64) (int64, error) {
+	img.mu.Lock()
+	plan, err := img.planWrite(int64(len(p)), off)
+	img.mu.Unlock()
+	switch {
+	case err != nil:
+		return 0, err
+	case plan.wait != nil:
+		<-plan.wait
+		return 0, nil
+	case plan.inPlace:
+		img.unsynced.Store(true)
+		return plan.n, writeFull(img.f, p[:plan.n], plan.host)
+	}
+	return img.allocatingWrite(p, off, plan)
+}
+
+// inPlace reports whether a cluster can be overwritten where it is.
+func (img *Image) inPlace(e l2Entry) (bool, error) {
+	if entryKind(e) != kindData {
+		return false, nil
+	}
+	if e.copied() {
+		return true, nil
+	}
+	rc, err := img.refcount(e.offset() >> img.clusterBits)
+	return rc == 1, err
+}
+
+// planWrite decides how to write the first bytes of [off, off+length).
+func (img *Image) planWrite(length, off int64) (writePlan, error) {
+	c := off >> img.clusterBits
+	if ch := img.inflight[c]; ch != nil {
+		return writePlan{wait: ch}, nil
+	}
+	e, err := img.lookup(off)
+	if err != nil {
+		return writePlan{}, err
+	}
+	ok, err := img.inPlace(e)
+	if err != nil {
+		return writePlan{}, err
+	}
+	if ok {
+		return img.planInPlace(e, length, off)
+	}
+	return img.planAllocation(e, length, off)
+}
+
+// planInPlace extends an in-place write over following clusters that are
+// host-contiguous and writable in place.
+func (img *Image) planInPlace(e l2Entry, length, off int64) (writePlan, error) {
+	if !e.copied() {
+		if err := img.setCopied(off, e); err != nil {
+			return writePlan{}, err
+		}
+	}
+	in := off & (img.clusterSize - 1)
+	plan := writePlan{inPlace: true, host: e.offset() + in, n: min(length, img.clusterSize-in)}
+	for next := off + plan.n; plan.n < length && plan.n < maxAllocBytes; next += img.clusterSize {
+		if img.inflight[next>>img.clusterBits] != nil {
+			break
+		}
+		ne, err := img.lookup(next)
+		if err != nil || !ne.copied() || entryKind(ne) != kindData || ne.offset() != plan.host+plan.n {
+			break
+		}
+		plan.n += min(length-plan.n, img.clusterSize)
+	}
+	return plan, img.checkDataWrite(plan.host, plan.n)
+}
+
+func (img *Image) setCopied(off int64, e l2Entry) error {
+	s, pos, err := img.l2ForWrite(off)
+	if err != nil {
+		return err
+	}
+	img.setL2(s, pos, e|l2Entry(flagCopied))
+	return nil
+}
+
+// planAllocation reserves new host clusters for a run of guest clusters
+// that cannot be written in place, and marks them in flight.
+func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error) {
+	first := off >> img.clusterBits
+	in := off & (img.clusterSize - 1)
+	plan := writePlan{first: first, old: []l2Entry{e}}
+	covered := img.clusterSize - in
+	for next := (first + 1) << img.clusterBits; covered < length && covered < maxAllocBytes; next += img.clusterSize {
+		if img.inflight[next>>img.clusterBits] != nil || img.l1Index(next) != img.l1Index(off) {
+			break
+		}
+		ne, err := img.lookup(next)
+		if err != nil {
+			return writePlan{}, err
+		}
+		if ok, err := img.inPlace(ne); ok || err != nil {
+			break
+		}
+		plan.old = append(plan.old, ne)
+		covered += img.clusterSize
+	}
+	plan.n = min(length, covered)
+	if _, _, err := img.l2ForWrite(off); err != nil {
+		return writePlan{}, err
+	}
+	host, err := img.allocClusters(int64(len(plan.old)))
+	if err != nil {
+		return writePlan{}, err
+	}
+	if err := img.checkDataWrite(host, int64(len(plan.old))*img.clusterSize); err != nil {
+		return writePlan{}, err
+	}
+	plan.host = host
+	ch := make(chan struct{})
+	for i := range plan.old {
+		img.inflight[first+int64(i)] = ch
+	}
+	return plan, nil
+}
+
+// allocatingWrite writes guest data plus the copy-on-write head and tail
+// of the first and last cluster in one host write, then links the clusters.
+//
+// Crash order: the data is written before the L2 entries point at it; the
+// L2 slices reach the disk only after a sync (orderBeforeL2Write).
+func (img *Image) allocatingWrite(p []byte, off int64, plan writePlan) (int64, error) {
+	k := int64(len(plan.old))
+	total := k * img.clusterSize
+	head := off - plan.first<<img.clusterBits
+	tail := total - head - plan.n
+	buf := p[:plan.n]
+	var err error
+	if head > 0 || tail > 0 {
+		buf = make([]byte, total)
+		copy(buf[head:], p[:plan.n])
+		if head > 0 {
+			err = img.readOld(plan.old[0], plan.first, buf[:head], 0)
+		}
+		if tail > 0 && err == nil {
+			err = img.readOld(plan.old[k-1], plan.first+k-1, buf[total-tail:], img.clusterSize-tail)
+		}
+	}
+	if err == nil {
+		img.unsynced.Store(true)
+		err = writeFull(img.f, buf, plan.host)
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	defer img.releaseInflight(plan)
+	linked := int64(0)
+	if err == nil {
+		linked, err = img.linkClusters(plan)
+	}
+	if err != nil {
+		img.freeUnlinked(plan.host+linked<<img.clusterBits, k-linked)
+		return 0, err
+	}
+	return plan.n, nil
+}
+
+// linkClusters points the L2 entries at the freshly written clusters and
+// returns how many it linked.
+func (img *Image) linkClusters(plan writePlan) (int64, error) {
+	img.writeGen++
+	for i, old := range plan.old {
+		g := (plan.first + int64(i)) << img.clusterBits
+		s, pos, err := img.l2ForWrite(g)
+		if err != nil {
+			return int64(i), err
+		}
+		img.setL2(s, pos, makeL2Entry(plan.host+int64(i)<<img.clusterBits, true))
+		img.deferFreeEntry(old)
+	}
+	return int64(len(plan.old)), nil
+}
+
+// freeUnlinked returns clusters that no L2 entry ever pointed at.
+func (img *Image) freeUnlinked(host, k int64) {
+	for c := host >> img.clusterBits; c < host>>img.clusterBits+k; c++ {
+		_ = img.setRefcount(c, 0)
+	}
+}
+
+func (img *Image) releaseInflight(plan writePlan) {
+	ch := img.inflight[plan.first]
+	for i := range plan.old {
+		delete(img.inflight, plan.first+int64(i))
+	}
+	close(ch)
+}
