@@ -7,6 +7,7 @@ require (
 	github.com/go-logr/logr v1.4.4 // indirect
 	github.com/moby/sys/mountinfo v0.7.2 // indirect
 	github.com/pojntfx/go-nbd v0.3.2 // indirect
+	github.com/spf13/pflag v1.0.10
 	golang.org/x/net v0.60.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
