@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
@@ -179,6 +180,68 @@ func TestReadOnlyAndClosed(t *testing.T) {
 	} {
 		if err := op(); !errors.Is(err, qcow2.ErrClosed) {
 			t.Errorf("%s after Close: %v, want ErrClosed", name, err)
+		}
+	}
+}
+
+// syncCountingFile counts Sync calls and the writes made since the last one.
+type syncCountingFile struct {
+	*memFile
+	mu             sync.Mutex
+	syncs          int
+	writesUnsynced int
+}
+
+func (f *syncCountingFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	f.writesUnsynced++
+	f.mu.Unlock()
+	return f.memFile.WriteAt(p, off)
+}
+
+func (f *syncCountingFile) Sync() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.syncs++
+	f.writesUnsynced = 0
+	return nil
+}
+
+// TestFlushSyncsEveryWrite: Flush makes every completed write durable, so
+// no write may be left unsynced when it returns, whether it allocated or
+// overwrote data in place, zeroed, or discarded.
+func TestFlushSyncsEveryWrite(t *testing.T) {
+	f := &syncCountingFile{memFile: newMemFile(nil)}
+	img, err := qcow2.CreateFile(f, qcow2.CreateOptions{Size: 4 << 20, ClusterSize: 65536})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	data := bytes.Repeat([]byte{0xa5}, 4096)
+	for _, op := range []struct {
+		name string
+		do   func() error
+	}{
+		{"allocating write", func() error { _, err := img.WriteAt(data, 0); return err }},
+		{"overwrite in place", func() error { _, err := img.WriteAt(data, 8192); return err }},
+		{"overwrite in place again", func() error { _, err := img.WriteAt(data[:512], 0); return err }},
+		{"write zeroes", func() error { return img.WriteZeroes(65536, 65536, false) }},
+		{"discard", func() error { return img.Discard(0, 65536) }},
+	} {
+		if err := op.do(); err != nil {
+			t.Fatalf("%s: %v", op.name, err)
+		}
+		f.mu.Lock()
+		before := f.syncs
+		f.mu.Unlock()
+		if err := img.Flush(); err != nil {
+			t.Fatalf("Flush after %s: %v", op.name, err)
+		}
+		f.mu.Lock()
+		syncs, unsynced := f.syncs-before, f.writesUnsynced
+		f.mu.Unlock()
+		if syncs == 0 || unsynced != 0 {
+			t.Errorf("Flush after %s: %d syncs, %d writes left unsynced", op.name, syncs, unsynced)
 		}
 	}
 }

@@ -32,7 +32,26 @@ type target interface {
 
 type rawFile struct{ *os.File }
 
-func openTarget(b *testing.B, format, dir string, prealloc bool) target {
+// syncTarget is what both targets offer to push dirty pages out before timing,
+// so that one benchmark's writeback does not throttle the next.
+func syncTarget(b *testing.B, t target) {
+	b.Helper()
+	var err error
+	switch t := t.(type) {
+	case *qcow2.Image:
+		err = t.Flush()
+	case rawFile:
+		err = t.Sync()
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+}
+
+// openTarget creates a qcow2 image or a sparse raw file of benchVirtual
+// bytes; prealloc writes the whole region and reads it once (warm cache).
+// The returned function closes and removes it.
+func openTarget(b *testing.B, format, dir string, prealloc bool) (target, func()) {
 	b.Helper()
 	path := filepath.Join(dir, fmt.Sprintf("bench-%d.%s", rand.Uint64(), format))
 	var t target
@@ -60,18 +79,23 @@ func openTarget(b *testing.B, format, dir string, prealloc bool) target {
 				b.Fatal(err)
 			}
 		}
-		// Warm the cache: read everything once.
 		for off := int64(0); off < benchRegion; off += int64(len(buf)) {
 			if _, err := t.ReadAt(buf, off); err != nil {
 				b.Fatal(err)
 			}
 		}
 	}
-	b.Cleanup(func() {
-		t.Close()
-		os.Remove(path)
-	})
-	return t
+	syncTarget(b, t)
+	done := false
+	remove := func() {
+		if !done {
+			done = true
+			t.Close()
+			os.Remove(path)
+		}
+	}
+	b.Cleanup(remove)
+	return t, remove
 }
 
 func benchData(n int) []byte {
@@ -114,7 +138,7 @@ func BenchmarkIO(b *testing.B) {
 
 func benchWorkload(b *testing.B, w workload, format string, prealloc bool) {
 	dir := b.TempDir()
-	t := openTarget(b, format, dir, prealloc)
+	t, remove := openTarget(b, format, dir, prealloc)
 	b.SetBytes(int64(w.bs))
 	blocks := int64(benchRegion / w.bs)
 	// A fresh image stays fresh: once the region is used up, sequential
@@ -157,8 +181,8 @@ func benchWorkload(b *testing.B, w workload, format string, prealloc bool) {
 	for i := 0; b.Loop(); i++ {
 		if !prealloc && w.write && !w.random && next.Load() == blocks {
 			b.StopTimer()
-			t.Close()
-			t = openTarget(b, format, dir, false)
+			remove()
+			t, remove = openTarget(b, format, dir, false)
 			next.Store(0)
 			b.StartTimer()
 		}
@@ -173,7 +197,8 @@ func benchWorkload(b *testing.B, w workload, format string, prealloc bool) {
 func BenchmarkFlush(b *testing.B) {
 	for _, state := range []string{"fresh", "prealloc"} {
 		b.Run("state="+state, func(b *testing.B) {
-			img := openTarget(b, "qcow2", b.TempDir(), state == "prealloc").(*qcow2.Image)
+			t, _ := openTarget(b, "qcow2", b.TempDir(), state == "prealloc")
+			img := t.(*qcow2.Image)
 			buf := benchData(4096)
 			rng := rand.New(rand.NewPCG(3, 4))
 			for b.Loop() {
