@@ -6,7 +6,7 @@
 # Environment:
 #   BENCH      benchmark regexp (default BenchmarkIO)
 #   BENCHTIME  go test -benchtime (default 1s)
-#   COUNT      go test -count (default 5)
+#   COUNT      go test -count (default 6, what benchstat needs for a 95% interval)
 #   OUT        where to keep the raw go test output (default: a temp file)
 #   BENCHSTAT  1 to also print benchstat's table with qcow2 and raw side by
 #              side (needs the Go module proxy the first time)
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 bench=${BENCH:-BenchmarkIO}
 benchtime=${BENCHTIME:-1s}
-count=${COUNT:-5}
+count=${COUNT:-6}
 out=${OUT:-$(mktemp "${TMPDIR:-/tmp}/bench-qcow2.XXXXXX")}
 benchstat_version=v0.0.0-20260908200009-22c9c6c9d4da
 

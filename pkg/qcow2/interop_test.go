@@ -176,6 +176,11 @@ var qemuImages = []qemuImage{
 	{name: "prealloc-metadata-cluster4k-refcount64", opts: "preallocation=metadata,cluster_size=4096,refcount_bits=64"},
 	{name: "prealloc-full-cluster512", opts: "preallocation=full,cluster_size=512,refcount_bits=8"},
 	{name: "empty-cluster512-refcount2", opts: "cluster_size=512,refcount_bits=2", qemuIO: []string{}},
+	// Compressed clusters (zlib) are read and overwritten, not written.
+	{name: "compressed-zlib", opts: "cluster_size=65536", qemuIO: []string{
+		"write -c -P 0x55 0 1M", "write -c -P 0x66 2M 64k", "write -P 0x77 4M 64k", "write -c -z 5M 64k"}},
+	{name: "compressed-zlib-cluster4k", opts: "cluster_size=4096,refcount_bits=4", qemuIO: []string{
+		"write -c -P 0x55 0 256k", "write -c -P 0x66 1M 4k", "discard 64k 8k"}},
 }
 
 // makeQemuImage creates the image with QEMU's tools and returns its path.
