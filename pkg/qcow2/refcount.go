@@ -3,6 +3,7 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 )
 
 // Refcount blocks are arrays of (1 << rcOrder)-bit big-endian counters; for
@@ -128,30 +129,25 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 	if img.corrupt {
 		return 0, fmt.Errorf("image was found corrupt: %w", ErrCorrupt)
 	}
-	for {
-		start, firstFree, err := img.findFree(n)
-		if err != nil {
-			return 0, err
-		}
-		created, err := img.ensureRefcountBlocks(start, n)
-		if err != nil {
-			return 0, err
-		}
-		if created {
-			continue // the new blocks may sit in the run we found
-		}
-		for c := start; c < start+n; c++ {
-			if err := img.setRefcount(c, 1); err != nil {
-				return 0, err
-			}
-		}
-		img.freeHint = firstFree
-		if firstFree == start {
-			img.freeHint = start + n
-		}
-		img.endCluster = max(img.endCluster, start+n)
-		return start << img.clusterBits, nil
+	start, firstFree, err := img.findFree(n)
+	if err != nil {
+		return 0, err
 	}
+	// New refcount blocks (or a new table) go past the run, so it stays free.
+	if err := img.ensureRefcountBlocks(start, n); err != nil {
+		return 0, err
+	}
+	for c := start; c < start+n; c++ {
+		if err := img.setRefcount(c, 1); err != nil {
+			return 0, err
+		}
+	}
+	img.freeHint = firstFree
+	if firstFree == start {
+		img.freeHint = start + n
+	}
+	img.endCluster = max(img.endCluster, start+n)
+	return start << img.clusterBits, nil
 }
 
 // findFree returns the first run of n free clusters at or after freeHint,
@@ -196,54 +192,100 @@ func (img *Image) hasRefcountBlock(cluster int64) bool {
 }
 
 // ensureRefcountBlocks creates the refcount blocks (and, if needed, a
-// larger refcount table) that clusters [start, start+n) need. It reports
-// whether it created anything, since new blocks take clusters themselves.
-func (img *Image) ensureRefcountBlocks(start, n int64) (bool, error) {
-	first, last := start>>img.rbBits(), (start+n-1)>>img.rbBits()
-	if last >= int64(len(img.rcTable)) {
-		return true, img.growRefcountTable(last + 1)
-	}
-	created := false
-	for bi := first; bi <= last; bi++ {
-		if img.rcTable[bi].offset() != 0 {
-			continue
+// larger refcount table) that clusters [start, start+n) need, placing them
+// after both the run and the end of the image.
+func (img *Image) ensureRefcountBlocks(start, n int64) error {
+	for range 8 {
+		at := max(img.endCluster, start+n)
+		blocks, err := img.blocksToCreate(start, n, at)
+		if err != nil || len(blocks) == 0 {
+			return err
 		}
-		if err := img.newRefcountBlock(bi); err != nil {
-			return false, err
+		if top := blocks[len(blocks)-1]; top >= int64(len(img.rcTable)) {
+			if err := img.growRefcountTable(top+1, start+n); err != nil {
+				return err
+			}
+			continue // the table moved the end of the image: lay out again
 		}
-		created = true
+		return img.createRefcountBlocks(blocks, at)
 	}
-	return created, nil
+	return fmt.Errorf("refcount block layout did not converge: %w", ErrCorrupt)
 }
 
-// newRefcountBlock creates refcount block bi in the first cluster it
-// covers. No block covered that range, so every cluster in it is free, and
-// the block can describe itself.
-//
-// Crash order: the block (with its own refcount) is written and synced
-// before the refcount table entry that points at it.
-func (img *Image) newRefcountBlock(bi int64) error {
-	cluster := bi << img.rbBits()
-	off := cluster << img.clusterBits
-	buf := make([]byte, img.clusterSize)
-	putRefcount(buf, 0, img.rcOrder, 1)
-	if err := img.checkMetadataWrite(off, img.clusterSize); err != nil {
-		return err
+// blocksToCreate lists, sorted, the missing refcount blocks for the run
+// plus those that a run of new blocks at cluster at would need itself.
+func (img *Image) blocksToCreate(start, n, at int64) ([]int64, error) {
+	need := map[int64]bool{}
+	for bi := start >> img.rbBits(); bi <= (start+n-1)>>img.rbBits(); bi++ {
+		if !img.hasRefcountBlock(bi << img.rbBits()) {
+			need[bi] = true
+		}
 	}
-	if err := writeFull(img.f, buf, off); err != nil {
+	for i := 0; len(need) > 0; i++ {
+		if i > 64 {
+			return nil, fmt.Errorf("refcount block layout did not converge: %w", ErrCorrupt)
+		}
+		grew := false
+		for c := at; c < at+int64(len(need)); c++ {
+			if bi := c >> img.rbBits(); !need[bi] && !img.hasRefcountBlock(c) {
+				need[bi], grew = true, true
+			}
+		}
+		if !grew {
+			break
+		}
+	}
+	blocks := make([]int64, 0, len(need))
+	for bi := range need {
+		blocks = append(blocks, bi)
+	}
+	slices.Sort(blocks)
+	return blocks, nil
+}
+
+// createRefcountBlocks writes new refcount blocks at clusters at, at+1, ...
+// Each cluster of that run gets refcount 1, in a new block or an old one.
+//
+// Crash order: the blocks, and the old blocks holding their refcounts, are
+// written and synced before the refcount table entries point at them.
+func (img *Image) createRefcountBlocks(blocks []int64, at int64) error {
+	bufs := make(map[int64][]byte, len(blocks))
+	for _, bi := range blocks {
+		bufs[bi] = make([]byte, img.clusterSize)
+	}
+	for c := at; c < at+int64(len(blocks)); c++ {
+		if b, ok := bufs[c>>img.rbBits()]; ok {
+			putRefcount(b, c&(1<<img.rbBits()-1), img.rcOrder, 1)
+		} else if err := img.setRefcount(c, 1); err != nil {
+			return err
+		}
+	}
+	for i, bi := range blocks {
+		off := (at + int64(i)) << img.clusterBits
+		if err := img.checkMetadataWrite(off, img.clusterSize); err != nil {
+			return err
+		}
+		if err := writeFull(img.f, bufs[bi], off); err != nil {
+			return err
+		}
+	}
+	if err := img.rc.flush(); err != nil {
 		return err
 	}
 	if err := img.sync(); err != nil {
 		return err
 	}
-	img.rcTable[bi] = rtEntry(off)
 	var e [8]byte
-	binary.BigEndian.PutUint64(e[:], uint64(off))
-	if err := writeFull(img.f, e[:], int64(img.h.refcountTableOffset)+bi*8); err != nil {
-		return err
+	for i, bi := range blocks {
+		off := (at + int64(i)) << img.clusterBits
+		img.rcTable[bi] = rtEntry(off)
+		binary.BigEndian.PutUint64(e[:], uint64(off))
+		if err := writeFull(img.f, e[:], int64(img.h.refcountTableOffset)+bi*8); err != nil {
+			return err
+		}
 	}
 	img.writeGen++
-	img.endCluster = max(img.endCluster, cluster+1)
+	img.endCluster = max(img.endCluster, at+int64(len(blocks)))
 	return nil
 }
 

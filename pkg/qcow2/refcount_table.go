@@ -6,16 +6,16 @@ import (
 )
 
 // growRefcountTable replaces the refcount table with one of at least need
-// entries. The new table and the refcount blocks needed to describe it are
+// entries, placed at or after cluster after. The new table and the refcount blocks needed to describe it are
 // laid out together past the end of the image (QEMU's approach), so the
 // table can account for itself without recursion.
 //
 // Crash order: new blocks and table are written and synced, then the
 // header is switched and synced, and only then is the old table freed.
-func (img *Image) growRefcountTable(need int64) error {
+func (img *Image) growRefcountTable(need, after int64) error {
 	cs := img.clusterSize
 	entries := max(need, int64(len(img.rcTable))*3/2, cs/8)
-	start := img.endCluster
+	start := max(img.endCluster, after)
 	var tableClusters, newBlocks int64
 	var blockIdx []int64
 	for i := 0; ; i++ {
