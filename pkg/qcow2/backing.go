@@ -100,6 +100,13 @@ func (img *Image) resolveBacking(name string) (string, error) {
 		}
 		p = filepath.Join(base, p)
 	}
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return "", err
+	}
+	if p, err = filepath.Abs(p); err != nil {
+		return "", err
+	}
 	realRoot, err := filepath.EvalSymlinks(root)
 	if err != nil {
 		return "", fmt.Errorf("backing root %q: %w", root, err)

@@ -61,8 +61,11 @@ func readSnapshotEntry(f File, off, end int64, h *header) (snapshot, int64, erro
 	if extraLen > maxSnapshotExtraData {
 		return s, 0, fmt.Errorf("extra data of %d bytes: %w", extraLen, ErrCorrupt)
 	}
-	total := (snapshotFixedLen + extraLen + idLen + nameLen + 7) &^ 7
-	if off+total > end {
+	// QEMU pads each entry to 8 bytes but may end the file before the last
+	// entry's padding.
+	used := snapshotFixedLen + extraLen + idLen + nameLen
+	total := (used + 7) &^ 7
+	if off+used > end {
 		return s, 0, fmt.Errorf("table overruns the file: %w", ErrCorrupt)
 	}
 	rest := make([]byte, extraLen+idLen+nameLen)
