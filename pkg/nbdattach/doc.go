@@ -31,8 +31,8 @@
 // export whatever its name.
 //
 // Transmission: simple replies only. Flags are HAS_FLAGS, SEND_FLUSH,
-// CAN_MULTI_CONN and, unless read-only, SEND_FUA, SEND_TRIM and
-// SEND_WRITE_ZEROES (READ_ONLY instead). FLUSH calls Backend.Flush; a
+// CAN_MULTI_CONN (unless ExportOptions.NoMultiConn) and, unless read-only,
+// SEND_FUA, SEND_TRIM and SEND_WRITE_ZEROES (READ_ONLY instead). FLUSH calls Backend.Flush; a
 // command with NBD_CMD_FLAG_FUA is followed by Backend.Flush before its
 // reply; TRIM calls Discard; WRITE_ZEROES calls WriteZeroes with mayUnmap
 // unless NBD_CMD_FLAG_NO_HOLE. A backend answering errors.ErrUnsupported

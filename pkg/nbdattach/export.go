@@ -46,6 +46,10 @@ type ExportOptions struct {
 	// MinBlockSize is the advertised minimum block size: a power of two
 	// from 1 to 65536; 0 means 1. Misaligned requests get EINVAL.
 	MinBlockSize uint32
+	// NoMultiConn leaves NBD_FLAG_CAN_MULTI_CONN out of the flags, for a
+	// server that accepts one connection at a time (qemu-nbd -e 1): a
+	// client that opened more would wait for them forever.
+	NoMultiConn bool
 	// OnConnError, if set, is called by Serve with the error that ended a
 	// connection (never with nil). The package itself does not log.
 	OnConnError func(error)
@@ -96,7 +100,10 @@ func NewExport(b Backend, opts ExportOptions) (*Export, error) {
 // Flags returns the transmission flags of the export, as sent to clients at
 // the end of the handshake; attach code passes them to the kernel.
 func (e *Export) Flags() TransmissionFlags {
-	f := FlagHasFlags | FlagSendFlush | FlagCanMultiConn
+	f := FlagHasFlags | FlagSendFlush
+	if !e.opts.NoMultiConn {
+		f |= FlagCanMultiConn
+	}
 	if e.opts.ReadOnly {
 		return f | FlagReadOnly
 	}

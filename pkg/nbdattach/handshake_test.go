@@ -123,6 +123,16 @@ func TestOptGoReadOnlyFlags(t *testing.T) {
 	}
 }
 
+func TestOptGoNoMultiConnFlags(t *testing.T) {
+	c, _ := serve(t, context.Background(), mustExport(t, NewMemBackend(4096), ExportOptions{NoMultiConn: true}), true)
+	c.greet(clientFixedNewstyle)
+	s := decodeInfos(t, c.optInfo(optGo, ""))
+	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes
+	if TransmissionFlags(s.flags) != want {
+		t.Fatalf("flags %v, want %v", TransmissionFlags(s.flags), want)
+	}
+}
+
 func TestOptInfoMalformed(t *testing.T) {
 	for name, data := range map[string][]byte{
 		"empty":              nil,
