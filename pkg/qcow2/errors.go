@@ -26,6 +26,9 @@ var (
 	ErrSnapshotNotFound = errors.New("qcow2: snapshot not found")
 	// ErrSnapshotExists is returned when a snapshot name is already taken.
 	ErrSnapshotExists = errors.New("qcow2: snapshot already exists")
+	// ErrSnapshotInUse is returned when deleting a snapshot that an open
+	// SnapshotView is reading.
+	ErrSnapshotInUse = errors.New("qcow2: snapshot is in use")
 	// ErrBackingOutsideRoot is returned when a backing file path resolves
 	// outside the directory the caller allowed.
 	ErrBackingOutsideRoot = errors.New("qcow2: backing file outside the allowed root")

@@ -47,7 +47,17 @@ type Image struct {
 	inflight map[int64]chan struct{}
 	// pendingFree are host ranges whose refcount drops once the L2/L1
 	// change that stopped referencing them is durable (see Flush).
+	// freedSeq numbers them: pendingFree[0] is reference drop number
+	// freedSeq, so concurrent flushes agree on which ones are durable.
 	pendingFree []hostRange
+	freedSeq    uint64
+
+	// views counts open SnapshotViews per snapshot L1 offset: a viewed
+	// snapshot cannot be deleted (snapshot_view.go).
+	views map[int64]int
+	// ctail is where WriteCompressed packs the next compressed cluster
+	// (compress_write.go).
+	ctail compressedTail
 
 	// writeGen counts writes that an L2 entry may come to depend on (data
 	// of allocating writes, new tables, refcount blocks); syncedGen is the
