@@ -424,12 +424,6 @@ func repairedOnOpen(t *testing.T, path string, want []byte) {
 func TestInteropCheckAgreesOnInjectedDamage(t *testing.T) {
 	requireTool(t, "qemu-img")
 	requireTool(t, "qemu-io")
-	type damage struct {
-		name   string
-		opts   string
-		inject func(r *rawImage)
-		repair qcow2.Repair
-	}
 	leak := func(n int) func(r *rawImage) {
 		return func(r *rawImage) { r.leakClusters(n) }
 	}
@@ -457,47 +451,59 @@ func TestInteropCheckAgreesOnInjectedDamage(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			dir := t.TempDir()
-			path := makeQemuImage(t, dir, qemuImage{name: "damaged", opts: c.opts, size: "8M", qemuIO: []string{
-				"write -P 0xab 0 1M", "write -P 0xcd 3M 100k", "write -z 5M 64k"}})
-			want := qemuConvertRaw(t, path)
-			r := loadRaw(t, path)
-			c.inject(r)
-			r.save()
-
-			q := qemuCheck(t, path)
-			if q.clean() {
-				t.Fatalf("injected damage not seen by qemu-img check: %+v", q)
-			}
-			ours, err := qcow2.CheckFile(path, qcow2.CheckOptions{})
-			if err != nil {
-				t.Fatalf("CheckFile: %v", err)
-			}
-			requireSameCheck(t, "damaged image", ours, q)
-
-			// qemu-img repairs a copy, so that both repairs can be compared.
-			copyPath := filepath.Join(dir, "qemu-repaired.qcow2")
-			b, _ := os.ReadFile(path)
-			if err := os.WriteFile(copyPath, b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			qemuMode := map[qcow2.Repair]string{qcow2.RepairLeaks: "leaks", qcow2.RepairAll: "all"}[c.repair]
-			qr := qemuCheck(t, copyPath, qemuMode)
-
-			fixed, err := qcow2.CheckFile(path, qcow2.CheckOptions{Repair: c.repair})
-			if err != nil {
-				t.Fatalf("CheckFile(Repair: %v): %v", c.repair, err)
-			}
-			if fixed.LeaksFixed != qr.LeaksFixed || fixed.CorruptionsFixed != qr.CorruptionsFixed {
-				t.Errorf("repair fixed leaks=%d corruptions=%d, qemu-img check -r %s fixed leaks=%d corruptions=%d",
-					fixed.LeaksFixed, fixed.CorruptionsFixed, qemuMode, qr.LeaksFixed, qr.CorruptionsFixed)
-			}
-			requireQemuClean(t, path)
-			after, err := qcow2.CheckFile(path, qcow2.CheckOptions{})
-			requireClean(t, "CheckFile after repair", after, err)
-			qemuCompare(t, path, want)
+			checkInjectedDamage(t, c)
 		})
 	}
+}
+
+// damage is an edit to a qemu-made image and the repair mode that fixes it.
+type damage struct {
+	name   string
+	opts   string
+	inject func(r *rawImage)
+	repair qcow2.Repair
+}
+
+func checkInjectedDamage(t *testing.T, c damage) {
+	dir := t.TempDir()
+	path := makeQemuImage(t, dir, qemuImage{name: "damaged", opts: c.opts, size: "8M", qemuIO: []string{
+		"write -P 0xab 0 1M", "write -P 0xcd 3M 100k", "write -z 5M 64k"}})
+	want := qemuConvertRaw(t, path)
+	r := loadRaw(t, path)
+	c.inject(r)
+	r.save()
+
+	q := qemuCheck(t, path)
+	if q.clean() {
+		t.Fatalf("injected damage not seen by qemu-img check: %+v", q)
+	}
+	ours, err := qcow2.CheckFile(path, qcow2.CheckOptions{})
+	if err != nil {
+		t.Fatalf("CheckFile: %v", err)
+	}
+	requireSameCheck(t, "damaged image", ours, q)
+
+	// qemu-img repairs a copy, so that both repairs can be compared.
+	copyPath := filepath.Join(dir, "qemu-repaired.qcow2")
+	b, _ := os.ReadFile(path)
+	if err := os.WriteFile(copyPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	qemuMode := map[qcow2.Repair]string{qcow2.RepairLeaks: "leaks", qcow2.RepairAll: "all"}[c.repair]
+	qr := qemuCheck(t, copyPath, qemuMode)
+
+	fixed, err := qcow2.CheckFile(path, qcow2.CheckOptions{Repair: c.repair})
+	if err != nil {
+		t.Fatalf("CheckFile(Repair: %v): %v", c.repair, err)
+	}
+	if fixed.LeaksFixed != qr.LeaksFixed || fixed.CorruptionsFixed != qr.CorruptionsFixed {
+		t.Errorf("repair fixed leaks=%d corruptions=%d, qemu-img check -r %s fixed leaks=%d corruptions=%d",
+			fixed.LeaksFixed, fixed.CorruptionsFixed, qemuMode, qr.LeaksFixed, qr.CorruptionsFixed)
+	}
+	requireQemuClean(t, path)
+	after, err := qcow2.CheckFile(path, qcow2.CheckOptions{})
+	requireClean(t, "CheckFile after repair", after, err)
+	qemuCompare(t, path, want)
 }
 
 // TestInteropCreateMatchesQemuCreate compares the metadata layout choices

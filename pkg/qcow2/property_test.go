@@ -24,10 +24,10 @@ type propConfig struct {
 }
 
 var propConfigs = []propConfig{
-	{clusterSize: 512, size: 2<<20 + 1536, ops: 2500},
-	{clusterSize: 4096, size: 6<<20 + 512, ops: 2500},
-	{clusterSize: 65536, size: 24<<20 + 1536, ops: 1500},
-	{clusterSize: 2 << 20, size: 40<<20 + 1536, ops: 300},
+	{clusterSize: 512, size: 2<<20 + 1536, ops: 5000},
+	{clusterSize: 4096, size: 6<<20 + 512, ops: 5000},
+	{clusterSize: 65536, size: 24<<20 + 1536, ops: 3000},
+	{clusterSize: 2 << 20, size: 40<<20 + 1536, ops: 600},
 }
 
 func opsScale() int {
@@ -151,7 +151,7 @@ func TestConcurrentReadWrite(t *testing.T) {
 				seed := rng.Uint64()
 				wg.Go(func() {
 					defer recoverTo(errs, fmt.Sprintf("worker %d (seed %#x)", w, seed))
-					errs <- concWorker(img, l, w, model[int64(w)*l.own:int64(w+1)*l.own], written[w], ops, int64(cs), seed)
+					errs <- runConcWorker(img, l, w, model[int64(w)*l.own:int64(w+1)*l.own], written[w], ops, int64(cs), seed)
 				})
 			}
 			wg.Wait()
@@ -190,73 +190,100 @@ func TestConcurrentReadWrite(t *testing.T) {
 // every read exactly) and writes and reads the shared range (checking that
 // every byte is 0 or some worker's value). It runs on its own goroutine, so
 // it reports instead of calling t.Fatal.
-func concWorker(img *qcow2.Image, l concLayout, w int, own []byte, written []bool, ops int, cs int64, seed uint64) error {
-	rng := rand.New(rand.NewPCG(seed, uint64(w)))
-	base, sharedBase := int64(w)*l.own, int64(l.workers)*l.own
+type concWorker struct {
+	img              *qcow2.Image
+	l                concLayout
+	w                int
+	own              []byte // the model of the worker's own range
+	written          []bool // shared bytes this worker wrote
+	cs               int64
+	seed             uint64
+	rng              *rand.Rand
+	base, sharedBase int64
+}
+
+func runConcWorker(img *qcow2.Image, l concLayout, w int, own []byte, written []bool, ops int, cs int64, seed uint64) error {
+	c := &concWorker{img: img, l: l, w: w, own: own, written: written, cs: cs, seed: seed,
+		rng: rand.New(rand.NewPCG(seed, uint64(w))), base: int64(w) * l.own, sharedBase: int64(l.workers) * l.own}
 	for op := range ops {
-		fail := func(format string, args ...any) error {
-			return fmt.Errorf("worker %d op %d (seed %#x): %s", w, op, seed, fmt.Sprintf(format, args...))
-		}
-		n := 1 + rng.Int64N(min(l.own, 2*cs))
-		off := rng.Int64N(l.own - n + 1)
-		switch k := rng.IntN(20); {
-		case k < 6:
-			p := fill(rng, n)
-			if _, err := img.WriteAt(p, base+off); err != nil {
-				return fail("WriteAt(%d at %#x): %v", n, base+off, err)
-			}
-			copy(own[off:], p)
-		case k < 7:
-			if err := img.WriteZeroes(base+off, n, rng.IntN(2) == 0); err != nil {
-				return fail("WriteZeroes(%#x, %d): %v", base+off, n, err)
-			}
-			clear(own[off : off+n])
-		case k < 8:
-			// Only clusters entirely inside the own range: neighbours own the rest.
-			start := (base + off + cs - 1) / cs * cs
-			end := (base + off + n) / cs * cs
-			if start < end {
-				if err := img.Discard(start, end-start); err != nil {
-					return fail("Discard(%#x, %d): %v", start, end-start, err)
-				}
-				clear(own[start-base : end-base])
-			}
+		var err error
+		switch k := c.rng.IntN(20); {
 		case k < 12:
-			p := make([]byte, n)
-			if _, err := img.ReadAt(p, base+off); err != nil && err != io.EOF {
-				return fail("ReadAt(%d at %#x): %v", n, base+off, err)
-			}
-			if !bytes.Equal(p, own[off:off+n]) {
-				return fail("ReadAt(%d at %#x) of the worker's own range: %s", n, base+off, firstDiff(p, own[off:off+n]))
-			}
-		case k < 16:
-			n := 1 + rng.Int64N(min(l.shared, 2*cs))
-			off := rng.Int64N(l.shared - n + 1)
-			if _, err := img.WriteAt(bytes.Repeat([]byte{byte(w + 1)}, int(n)), sharedBase+off); err != nil {
-				return fail("WriteAt(%d at %#x) shared: %v", n, sharedBase+off, err)
-			}
-			for i := off; i < off+n; i++ {
-				written[i] = true
-			}
+			err = c.ownOp(k)
 		case k < 19:
-			n := 1 + rng.Int64N(min(l.shared, 2*cs))
-			off := rng.Int64N(l.shared - n + 1)
-			p := make([]byte, n)
-			if _, err := img.ReadAt(p, sharedBase+off); err != nil && err != io.EOF {
-				return fail("ReadAt(%d at %#x) shared: %v", n, sharedBase+off, err)
-			}
-			for i, v := range p {
-				if int(v) > l.workers || (v == byte(w+1) && !written[off+int64(i)]) {
-					return fail("shared byte %#x reads %d", sharedBase+off+int64(i), v)
-				}
-				if v == 0 && written[off+int64(i)] {
-					return fail("shared byte %#x this worker wrote reads 0", sharedBase+off+int64(i))
-				}
-			}
+			err = c.sharedOp(k < 16)
 		default:
-			if err := img.Flush(); err != nil {
-				return fail("Flush: %v", err)
+			err = img.Flush()
+		}
+		if err != nil {
+			return fmt.Errorf("worker %d op %d (seed %#x): %w", w, op, seed, err)
+		}
+	}
+	return nil
+}
+
+func (c *concWorker) ownOp(k int) error {
+	n := 1 + c.rng.Int64N(min(c.l.own, 2*c.cs))
+	off := c.rng.Int64N(c.l.own - n + 1)
+	at := c.base + off
+	switch {
+	case k < 6:
+		p := fill(c.rng, n)
+		if _, err := c.img.WriteAt(p, at); err != nil {
+			return fmt.Errorf("WriteAt(%d at %#x): %w", n, at, err)
+		}
+		copy(c.own[off:], p)
+	case k < 7:
+		if err := c.img.WriteZeroes(at, n, c.rng.IntN(2) == 0); err != nil {
+			return fmt.Errorf("WriteZeroes(%#x, %d): %w", at, n, err)
+		}
+		clear(c.own[off : off+n])
+	case k < 8:
+		// Only clusters entirely inside the own range: neighbours own the rest.
+		start := (at + c.cs - 1) / c.cs * c.cs
+		end := (at + n) / c.cs * c.cs
+		if start < end {
+			if err := c.img.Discard(start, end-start); err != nil {
+				return fmt.Errorf("Discard(%#x, %d): %w", start, end-start, err)
 			}
+			clear(c.own[start-c.base : end-c.base])
+		}
+	default:
+		p := make([]byte, n)
+		if _, err := c.img.ReadAt(p, at); err != nil && err != io.EOF {
+			return fmt.Errorf("ReadAt(%d at %#x): %w", n, at, err)
+		}
+		if !bytes.Equal(p, c.own[off:off+n]) {
+			return fmt.Errorf("ReadAt(%d at %#x) of the worker's own range: %s", n, at, firstDiff(p, c.own[off:off+n]))
+		}
+	}
+	return nil
+}
+
+func (c *concWorker) sharedOp(write bool) error {
+	n := 1 + c.rng.Int64N(min(c.l.shared, 2*c.cs))
+	off := c.rng.Int64N(c.l.shared - n + 1)
+	at := c.sharedBase + off
+	if write {
+		if _, err := c.img.WriteAt(bytes.Repeat([]byte{byte(c.w + 1)}, int(n)), at); err != nil {
+			return fmt.Errorf("WriteAt(%d at %#x) shared: %w", n, at, err)
+		}
+		for i := off; i < off+n; i++ {
+			c.written[i] = true
+		}
+		return nil
+	}
+	p := make([]byte, n)
+	if _, err := c.img.ReadAt(p, at); err != nil && err != io.EOF {
+		return fmt.Errorf("ReadAt(%d at %#x) shared: %w", n, at, err)
+	}
+	for i, v := range p {
+		mine := c.written[off+int64(i)]
+		if int(v) > c.l.workers || (v == byte(c.w+1) && !mine) {
+			return fmt.Errorf("shared byte %#x reads %d", at+int64(i), v)
+		}
+		if v == 0 && mine {
+			return fmt.Errorf("shared byte %#x this worker wrote reads 0", at+int64(i))
 		}
 	}
 	return nil
