@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	github.com/container-storage-interface/spec v1.13.0 // indirect
 	github.com/go-logr/logr v1.4.4 // indirect
+	github.com/klauspost/compress v1.18.0
 	github.com/moby/sys/mountinfo v0.7.2 // indirect
 	github.com/pojntfx/go-nbd v0.3.2 // indirect
 	github.com/spf13/pflag v1.0.10
