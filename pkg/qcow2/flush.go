@@ -18,21 +18,23 @@ func (img *Image) Flush() error {
 		return err
 	}
 	img.mu.Lock()
-	n, err := img.persist()
+	upTo, err := img.persist()
+	pending := upTo > img.freedSeq
 	img.mu.Unlock()
-	if err != nil || n == 0 {
+	if err != nil || !pending {
 		return err
 	}
 	img.ioGate.Lock()
 	defer img.ioGate.Unlock()
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return img.applyFrees(n)
+	return img.applyFrees(upTo)
 }
 
 // persist writes all dirty metadata in crash-safe order and syncs. It
-// returns how many pending frees are now safe to apply. The caller holds mu.
-func (img *Image) persist() (int, error) {
+// returns the sequence number up to which pending reference drops are now
+// safe to apply. The caller holds mu.
+func (img *Image) persist() (uint64, error) {
 	if err := img.rc.flush(); err != nil {
 		return 0, err
 	}
@@ -43,7 +45,7 @@ func (img *Image) persist() (int, error) {
 		}
 		img.syncedGen = g
 	}
-	n := len(img.pendingFree)
+	n := img.freedSeq + uint64(len(img.pendingFree))
 	if !img.l2.hasDirty() && len(img.l1Dirty) == 0 {
 		return n, nil
 	}
@@ -61,15 +63,21 @@ func (img *Image) persist() (int, error) {
 	return n, img.sync()
 }
 
-// applyFrees drops the first n deferred references. The caller holds
-// ioGate exclusively (no I/O can still target a freed cluster) and mu.
-func (img *Image) applyFrees(n int) error {
-	for _, r := range img.pendingFree[:n] {
+// applyFrees drops the deferred references numbered below upTo that are
+// still pending (a concurrent flush may have applied some). The caller
+// holds ioGate exclusively (no I/O can still target a freed cluster) and mu.
+func (img *Image) applyFrees(upTo uint64) error {
+	for img.freedSeq < upTo && len(img.pendingFree) > 0 {
+		r := img.pendingFree[0]
+		img.pendingFree = img.pendingFree[1:]
+		img.freedSeq++
 		if err := img.freeRange(r); err != nil {
 			return err
 		}
 	}
-	img.pendingFree = append(img.pendingFree[:0], img.pendingFree[n:]...)
+	if len(img.pendingFree) == 0 {
+		img.pendingFree = nil // let the backing array go
+	}
 	return nil
 }
 
@@ -94,14 +102,14 @@ func (img *Image) Close() error {
 
 func (img *Image) closeWritable() error {
 	for range 3 { // frees dirty refcounts, which the next round persists
-		n, err := img.persist()
+		upTo, err := img.persist()
 		if err != nil {
 			return err
 		}
-		if n == 0 {
+		if upTo == img.freedSeq {
 			break
 		}
-		if err := img.applyFrees(n); err != nil {
+		if err := img.applyFrees(upTo); err != nil {
 			return err
 		}
 	}

@@ -39,6 +39,8 @@ type Image struct {
 	snapshots []snapshot
 	backing   backingReader
 
+	tableIndex map[int64]struct{} // see tableClusters
+
 	freeHint   int64 // no free cluster below this index
 	endCluster int64 // first cluster index past everything allocated
 
