@@ -114,6 +114,7 @@ func (img *Image) newL2Table(i, src int64) (int64, error) {
 	img.writeGen++
 	img.l1[i] = makeL1Entry(off, true)
 	img.l1Dirty[i] = true
+	img.tablesChanged()
 	return off, nil
 }
 

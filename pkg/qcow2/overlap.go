@@ -44,13 +44,39 @@ func (img *Image) checkDataWrite(off, length int64) error {
 	if err := img.checkMetadataWrite(off, length); err != nil {
 		return err
 	}
+	tables := img.tableClusters()
 	for c := off >> img.clusterBits; c <= (off+length-1)>>img.clusterBits; c++ {
-		if img.l2.holdsCluster(c) || img.rc.holdsCluster(c) {
-			return img.markCorrupt("data write at %#x overlaps a cached metadata table", c<<img.clusterBits)
+		if _, ok := tables[c]; ok || img.l2.holdsCluster(c) || img.rc.holdsCluster(c) {
+			return img.markCorrupt("data write at %#x overlaps an L2 table or refcount block", c<<img.clusterBits)
 		}
 	}
 	return nil
 }
+
+// tableClusters indexes the clusters of the active L2 tables and of the
+// refcount blocks, rebuilt from the in-memory L1 and refcount tables after
+// either changes (tablesChanged).
+func (img *Image) tableClusters() map[int64]struct{} {
+	if img.tableIndex != nil {
+		return img.tableIndex
+	}
+	idx := make(map[int64]struct{}, len(img.l1)+len(img.rcTable))
+	for _, e := range img.l1 {
+		if e.offset() != 0 {
+			idx[e.offset()>>img.clusterBits] = struct{}{}
+		}
+	}
+	for _, e := range img.rcTable {
+		if e.offset() != 0 {
+			idx[e.offset()>>img.clusterBits] = struct{}{}
+		}
+	}
+	img.tableIndex = idx
+	return idx
+}
+
+// tablesChanged must follow any change to an L1 or refcount table entry.
+func (img *Image) tablesChanged() { img.tableIndex = nil }
 
 // markCorrupt records an inconsistency: the corrupt bit is set on disk
 // (best effort) and every later write fails. It returns the error to hand up.

@@ -100,6 +100,7 @@ func (ck *checker) installRebuilt(start, tableClusters int64, blocks []int64) er
 		img.rcTable[i] = rtEntry(binary.BigEndian.Uint64(table[i*8:]))
 	}
 	img.rc.clear()
+	img.tablesChanged()
 	img.endCluster = max(img.endCluster, end)
 	img.freeHint = 0
 	return nil

@@ -279,6 +279,7 @@ func (img *Image) createRefcountBlocks(blocks []int64, at int64) error {
 	for i, bi := range blocks {
 		off := (at + int64(i)) << img.clusterBits
 		img.rcTable[bi] = rtEntry(off)
+		img.tablesChanged()
 		binary.BigEndian.PutUint64(e[:], uint64(off))
 		if err := writeFull(img.f, e[:], int64(img.h.refcountTableOffset)+bi*8); err != nil {
 			return err

@@ -100,6 +100,7 @@ func (img *Image) installRefcountTable(start, tableClusters int64, blockIdx []in
 		return err
 	}
 	img.rcTable = newTable
+	img.tablesChanged()
 	img.endCluster = max(img.endCluster, start+region)
 	img.writeGen++
 	return img.freeRange(hostRange{oldOff, oldClusters * cs})

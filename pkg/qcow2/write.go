@@ -81,6 +81,9 @@ func (img *Image) inPlace(e l2Entry) (bool, error) {
 
 // planWrite decides how to write the first bytes of [off, off+length).
 func (img *Image) planWrite(length, off int64) (writePlan, error) {
+	if img.corrupt {
+		return writePlan{}, fmt.Errorf("refusing to write to an image found corrupt: %w", ErrCorrupt)
+	}
 	c := off >> img.clusterBits
 	if ch := img.inflight[c]; ch != nil {
 		return writePlan{wait: ch}, nil
