@@ -20,11 +20,11 @@ func (img *Image) Check(opts CheckOptions) (*CheckResult, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	if !img.readOnly && !img.corrupt {
-		n, err := img.persist()
+		upTo, err := img.persist()
 		if err != nil {
 			return nil, err
 		}
-		if err := img.applyFrees(n); err != nil {
+		if err := img.applyFrees(upTo); err != nil {
 			return nil, err
 		}
 		if _, err := img.persist(); err != nil {
@@ -225,6 +225,7 @@ func (ck *checker) walkL1(l1 []l1Entry, l1Off int64, active bool) error {
 		if err := readFull(img.f, buf, off); err != nil {
 			return err
 		}
+		ck.lastData = 0 // QEMU counts fragmentation within each L2 table
 		ck.walkL2(buf, active)
 	}
 	return nil
@@ -238,9 +239,10 @@ func (ck *checker) walkL2(buf []byte, active bool) {
 		case e.compressed():
 			off, n := e.compressedRange(img.clusterBits)
 			ck.ref(off, n, "compressed cluster")
-			if active {
+			if active { // compressed clusters count as fragmented, as in QEMU
 				ck.res.AllocatedClusters++
 				ck.res.CompressedClusters++
+				ck.res.FragmentedClusters++
 			}
 		case e.offset() != 0:
 			off := e.offset()
