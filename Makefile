@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:
+#   make run    run the driver on a local data directory (./_out/data)
+#   make test   run the whole test suite (what CI runs, via .ci/run)
+
+GO      ?= go
+BIN     := _out/csi-qcow2
+DATADIR ?= $(CURDIR)/_out/data
+
+.PHONY: build run test deps vet unit guest bench
+
+build:
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/csi-qcow2
+
+run: build
+	mkdir -p $(DATADIR)
+	$(BIN) --endpoint unix://$(CURDIR)/_out/csi.sock --node-id $$(hostname) --data-dir $(DATADIR)
+
+# Everything: unit and interop tests (QEMU is the oracle, so CI=true makes
+# missing tools a failure), then the tests that need a real /dev/nbdX, in a
+# qemu guest.
+test: deps vet unit guest
+
+deps:
+	hack/install-deps.sh
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+
+unit:
+	$(GO) test -count=1 ./...
+
+guest:
+	hack/vm/test-nbdattach.sh
+
+bench:
+	hack/bench-qcow2.sh
