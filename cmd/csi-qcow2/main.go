@@ -18,7 +18,7 @@ const usage = `Usage:
   csi-qcow2 image COMMAND [OPTIONS] ARGS...   manage qcow2/raw images (qemu-img subset)
   csi-qcow2 [--endpoint=URL --node-id=ID --data-dir=DIR]   run the CSI driver
 
-Image commands: create, info, check, resize, convert.
+Image commands: create, info, check, resize, convert, serve, map.
 Run 'csi-qcow2 image --help' or 'csi-qcow2 image COMMAND --help' for details.
 
 The CSI driver is coming in a later release; running it now exits with an error.

@@ -1,6 +1,7 @@
 // Package imagecli implements `csi-qcow2 image`: the subset of qemu-img that
 // an operator needs on a node (create, info, check, resize, convert), with
-// qemu-img's flags, output formats and exit codes, built on pkg/qcow2.
+// qemu-img's flags, output formats and exit codes, built on pkg/qcow2, and
+// the part of qemu-nbd (serve, map) built on pkg/nbdattach.
 package imagecli
 
 import (
@@ -43,7 +44,7 @@ type spec struct {
 }
 
 func specs() []spec {
-	return []spec{createSpec(), infoSpec(), checkSpec(), resizeSpec(), convertSpec()}
+	return []spec{createSpec(), infoSpec(), checkSpec(), resizeSpec(), convertSpec(), serveSpec(), mapSpec()}
 }
 
 func lookup(name string) (spec, bool) {
@@ -59,8 +60,9 @@ func lookup(name string) (spec, bool) {
 func Usage() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Usage: %s COMMAND [OPTIONS] ARGS...\n\n", Prog)
-	b.WriteString("Create, inspect, check, resize and convert qcow2 and raw disk images.\n")
-	b.WriteString("Flags, output and exit codes follow qemu-img for this subset.\n\nCommands:\n")
+	b.WriteString("Create, inspect, check, resize and convert qcow2 and raw disk images,\n")
+	b.WriteString("serve them over NBD and attach them to /dev/nbdN. Flags, output and exit\n")
+	b.WriteString("codes follow qemu-img (serve and map: qemu-nbd) for this subset.\n\nCommands:\n")
 	for _, sp := range specs() {
 		fmt.Fprintf(&b, "  %-8s %s\n", sp.name, sp.summary)
 	}

@@ -39,7 +39,7 @@ func TestHelp(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"--help"}, []string{"Usage: csi-qcow2 image COMMAND", "create", "info", "check", "resize", "convert", "SIZE is"}},
+		{[]string{"--help"}, []string{"Usage: csi-qcow2 image COMMAND", "create", "info", "check", "resize", "convert", "serve", "map", "SIZE is"}},
 		{[]string{"-h"}, []string{"Usage: csi-qcow2 image COMMAND"}},
 		{[]string{"help"}, []string{"Usage: csi-qcow2 image COMMAND"}},
 		{[]string{"help", "check"}, []string{"Usage: csi-qcow2 image check", "--repair", "63"}},
@@ -52,6 +52,8 @@ func TestHelp(t *testing.T) {
 		{[]string{"create", "-f", "qcow2", "-o", "help"}, []string{"Supported qcow2 options:", "cluster_size=<size>"}},
 		{[]string{"create", "-f", "raw", "-o", "?"}, []string{"Supported raw options:", "size=<size>"}},
 		{[]string{"convert", "-O", "qcow2", "-o", "help"}, []string{"Supported qcow2 options:"}},
+		{[]string{"serve", "--help"}, []string{"Usage: csi-qcow2 image serve", "-k, --socket", "-e, --shared", "--allow-remote", "mode 0600", "SIGTERM"}},
+		{[]string{"map", "--help"}, []string{"Usage: csi-qcow2 image map", "--device", "-c, --connections", "PR_SET_IO_FLUSHER", "never time out"}},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
