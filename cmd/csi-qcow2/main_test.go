@@ -1,13 +1,16 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // TestMain lets the tests run the real main in a child process: the test
@@ -66,4 +69,71 @@ func TestMainDispatch(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestServeStopsOnSignal: `image serve` in a real process ends cleanly on
+// SIGTERM and on SIGINT: exit 0, socket removed, image closed (the dirty
+// bit of a lazy-refcounts image cleared).
+func TestServeStopsOnSignal(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			img, sock := filepath.Join(dir, "x.qcow2"), filepath.Join(dir, "nbd.sock")
+			if _, stderr, code := runMain(t, "image", "create", "-o", "lazy_refcounts=on", img, "1M"); code != 0 {
+				t.Fatalf("create: %s", stderr)
+			}
+			cmd := exec.Command(os.Args[0], "image", "serve", "-k", sock, img)
+			cmd.Env = append(os.Environ(), "CSI_QCOW2_RUN_MAIN=1")
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			line, err := bufio.NewReader(stdout).ReadString('\n')
+			if err != nil || !strings.HasPrefix(line, "nbd+unix:///?socket=") {
+				cmd.Process.Kill()
+				t.Fatalf("first line %q, %v; stderr:\n%s", line, err, stderr.String())
+			}
+			if !dirty(t, img) {
+				t.Error("dirty bit clear while serving")
+			}
+			cmd.Process.Signal(sig)
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("serve after %v: %v; stderr:\n%s", sig, err, stderr.String())
+				}
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+				t.Fatalf("serve still running 30 s after %v", sig)
+			}
+			if _, err := os.Lstat(sock); err == nil {
+				t.Error("socket left behind")
+			}
+			if dirty(t, img) {
+				t.Error("dirty bit set after serve exited")
+			}
+		})
+	}
+}
+
+// dirty reads the dirty bit (incompatible feature bit 0) of a qcow2 header.
+func dirty(t *testing.T, path string) bool {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 8)
+	if _, err := f.ReadAt(b, 72); err != nil {
+		t.Fatal(err)
+	}
+	return b[7]&1 != 0
 }
