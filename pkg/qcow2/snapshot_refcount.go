@@ -151,10 +151,10 @@ func (img *Image) entryRefs(c *rcCursor, t int64, e l2Entry, delta int64) error 
 }
 
 // addTreeRefs adds one reference to every L2 table and cluster reachable
-// from l1 and clears the COPIED flags in those L2 tables (each of them, and
-// each cluster, is now shared). If a refcount would overflow, the references
-// already added are taken back and the error returned. The caller clears
-// COPIED in l1 itself.
+// from l1. If a refcount would overflow, the references already added are
+// taken back and the error returned. It changes no L2 table: clearCopied
+// does that once the new refcounts are durable, so that evicting a dirty L2
+// slice never has to wait for a sync of refcounts (orderBeforeL2Write).
 func (img *Image) addTreeRefs(l1 []l1Entry) error {
 	c := &rcCursor{img: img}
 	for i, le := range l1 {
@@ -171,13 +171,34 @@ func (img *Image) addTreeRefs(l1 []l1Entry) error {
 				return e, err
 			}
 			done = j
-			return e &^ l2Entry(flagCopied), nil
+			return e, nil
 		})
 		if err == nil {
 			err = c.add(t>>img.clusterBits, 1)
 		}
 		if err != nil {
 			return img.undoTreeRefs(l1[:i], t, done, err)
+		}
+	}
+	return nil
+}
+
+// clearCopied clears the COPIED flags in every L2 table reachable from l1,
+// whose clusters are now shared. The caller clears them in l1 itself.
+func (img *Image) clearCopied(l1 []l1Entry) error {
+	for i, le := range l1 {
+		t, err := img.validL2Offset(le, i)
+		if t == 0 || err != nil {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		err = img.forEachL2Entry(t, func(_ int64, e l2Entry) (l2Entry, error) {
+			return e &^ l2Entry(flagCopied), nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	return nil
