@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -58,9 +57,6 @@ func (f OSFile) PunchHole(off, length int64) error {
 	}
 	return nil
 }
-
-// errNoHoles is how callers learn that hole punching is unavailable.
-var errNoHoles = errors.New("qcow2: host file cannot punch holes")
 
 // readFull reads exactly len(p) bytes at off; bytes beyond the end of the
 // host file read as zeros (clusters may be allocated past EOF until written).

@@ -303,10 +303,9 @@ func (h *header) appendExtensions(buf []byte) []byte {
 	if h.featureTable != nil {
 		buf = appendExtension(buf, extFeatureTable, h.featureTable)
 	}
+	// Unknown extensions are kept byte for byte. The bitmaps extension is
+	// among them: with its autoclear bit cleared, QEMU treats it as stale.
 	for _, e := range h.unknown {
-		if e.typ == extBitmaps {
-			continue // meaningless once the bitmaps autoclear bit is cleared
-		}
 		buf = appendExtension(buf, e.typ, e.data)
 	}
 	return appendExtension(buf, extEnd, nil)

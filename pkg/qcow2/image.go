@@ -279,7 +279,7 @@ func (img *Image) Info() Info {
 		RefcountBits:    1 << img.rcOrder,
 		LazyRefcounts:   h.compatible&compatLazyRefcounts != 0,
 		Corrupt:         h.incompatible&incompatCorrupt != 0,
-		Dirty:           h.incompatible&incompatDirty != 0 && img.readOnly,
+		Dirty:           h.incompatible&incompatDirty != 0,
 		CompressionType: "zlib",
 		BackingFile:     h.backingFile,
 		BackingFormat:   h.backingFormat,
