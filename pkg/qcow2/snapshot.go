@@ -230,6 +230,9 @@ func (img *Image) RevertSnapshot(idOrName string) error {
 		return err
 	}
 	if need := max(sn.l1Size, l1EntriesFor(sn.diskSize, img.clusterBits)); need > int64(len(img.l1)) {
+		if need*8 > maxL1Bytes {
+			return fmt.Errorf("snapshot %q of %d bytes needs an L1 table over %d bytes: %w", idOrName, sn.diskSize, maxL1Bytes, ErrCorrupt)
+		}
 		if err := img.growL1(need); err != nil {
 			return err
 		}
