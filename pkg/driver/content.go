@@ -1,0 +1,235 @@
+package driver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
+	"k8s.io/klog/v2"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+)
+
+// source is a resolved volume content source.
+type source struct {
+	snapshotID string // restore from this internal snapshot...
+	volumeID   string // ...of this volume; or clone this volume if snapshotID == ""
+	params     createParams
+	size       int64 // the new volume must be at least this big
+}
+
+func (d *Driver) resolveSource(cs *csi.VolumeContentSource) (source, error) {
+	switch {
+	case cs == nil:
+		return source{}, nil
+	case cs.GetSnapshot() != nil:
+		id := cs.GetSnapshot().GetSnapshotId()
+		if id == "" {
+			return source{}, newError(errInvalid, "content source: snapshot id is required")
+		}
+		if !validSnapshotID(id) {
+			return source{}, newError(errNotFound, "source snapshot %q is not a snapshot on node %s", truncate(id), d.opts.NodeID)
+		}
+		s, err := d.store.readSnapshot(id)
+		if err != nil {
+			return source{}, newError(errNotFound, "source snapshot %s does not exist on node %s", id, d.opts.NodeID)
+		}
+		v, err := d.store.readVolume(s.SourceVolumeID)
+		if err != nil {
+			return source{}, newError(errNotFound, "volume %s of source snapshot %s does not exist", s.SourceVolumeID, id)
+		}
+		return source{snapshotID: id, volumeID: v.ID, params: v.Params, size: s.SizeBytes}, nil
+	case cs.GetVolume() != nil:
+		id := cs.GetVolume().GetVolumeId()
+		if id == "" {
+			return source{}, newError(errInvalid, "content source: volume id is required")
+		}
+		if !validVolumeID(id) {
+			return source{}, newError(errNotFound, "source volume %q is not a volume on node %s", truncate(id), d.opts.NodeID)
+		}
+		v, err := d.store.readVolume(id)
+		if err != nil {
+			return source{}, newError(errNotFound, "source volume %s does not exist on node %s", id, d.opts.NodeID)
+		}
+		return source{volumeID: id, params: v.Params, size: v.CapacityBytes}, nil
+	}
+	return source{}, newError(errInvalid, "content source: want a snapshot or a volume")
+}
+
+// createImage makes m's image: empty, restored from a snapshot or cloned
+// from a volume. It is built under a temporary name and renamed into place,
+// so a crash never leaves a half-made image under the volume's name.
+func (d *Driver) createImage(ctx context.Context, m *volumeMeta, src source) error {
+	final := d.store.imagePath(m.ID)
+	tmp := final + ".tmp"
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	var err error
+	switch {
+	case src.volumeID == "":
+		err = createEmpty(tmp, m)
+	default:
+		err = d.populate(ctx, tmp, m, src)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(d.store.dir("volumes"))
+}
+
+func createOptions(m *volumeMeta) qcow2.CreateOptions {
+	return qcow2.CreateOptions{Size: m.CapacityBytes, ClusterSize: m.Params.ClusterSize,
+		LazyRefcounts: m.Params.LazyRefcounts, Perm: 0o600}
+}
+
+func createEmpty(path string, m *volumeMeta) error {
+	img, err := qcow2.Create(path, createOptions(m))
+	if err != nil {
+		return err
+	}
+	return img.Close()
+}
+
+// populate fills tmp with the source's content. A reflink (FICLONE) of an
+// image nobody has open is O(1); the copy then drops every snapshot (after
+// reverting to the one restored). Otherwise the allocated content is copied
+// into a new image, sparsely.
+func (d *Driver) populate(ctx context.Context, tmp string, m *volumeMeta, src source) error {
+	if d.stagedVolume(src.volumeID) == nil && src.params == m.Params {
+		err := d.reflinkImage(tmp, m, src)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, errNoReflink) {
+			return err
+		}
+		klog.V(4).InfoS("Reflink unavailable, copying", "volumeID", m.ID, "err", err)
+		os.Remove(tmp)
+	}
+	return d.withImage(src.volumeID, true, func(img *qcow2.Image, sv *stagedVolume) error {
+		return copyFrom(ctx, img, sv != nil, tmp, m, src)
+	})
+}
+
+func (d *Driver) reflinkImage(tmp string, m *volumeMeta, src source) error {
+	in, err := os.Open(d.store.imagePath(src.volumeID))
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = reflink(in, out)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	img, err := qcow2.Open(tmp, qcow2.OpenOptions{})
+	if err != nil {
+		return err
+	}
+	if err := trimClone(img, src.snapshotID, m.CapacityBytes); err != nil {
+		img.Close()
+		return err
+	}
+	return img.Close()
+}
+
+// trimClone turns a reflinked copy into an independent volume: revert to
+// the restored snapshot, drop every snapshot, grow to the asked size.
+func trimClone(img *qcow2.Image, snapshotID string, size int64) error {
+	if snapshotID != "" {
+		if err := img.RevertSnapshot(snapshotID); err != nil {
+			return fmt.Errorf("revert clone to %s: %w", snapshotID, err)
+		}
+	}
+	for _, s := range img.Snapshots() {
+		if err := img.DeleteSnapshot(s.ID); err != nil {
+			return fmt.Errorf("drop snapshot %s from clone: %w", s.Name, err)
+		}
+	}
+	if size > img.Size() {
+		if err := img.Resize(size); err != nil {
+			return err
+		}
+	}
+	return img.Flush()
+}
+
+// copyFrom copies a snapshot of img (or img itself) into a new image at
+// tmp. A staged image is being written, so a clone reads a temporary
+// internal snapshot of it instead of the live disk.
+func copyFrom(ctx context.Context, img *qcow2.Image, live bool, tmp string, m *volumeMeta, src source) error {
+	var from io.ReaderAt = img
+	size := img.Size()
+	snap := src.snapshotID
+	if snap == "" && live {
+		snap = "clone-" + m.ID
+		if err := img.Flush(); err != nil {
+			return err
+		}
+		if _, err := img.CreateSnapshot(snap); err != nil && !errors.Is(err, qcow2.ErrSnapshotExists) {
+			return err
+		}
+		defer img.DeleteSnapshot(snap)
+	}
+	if snap != "" {
+		v, err := img.OpenSnapshot(snap)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		from, size = v, v.Size()
+	}
+	dst, err := qcow2.Create(tmp, createOptions(m))
+	if err != nil {
+		return err
+	}
+	if err := copySparse(ctx, dst, from, size); err != nil {
+		dst.Close()
+		return err
+	}
+	return dst.Close()
+}
+
+// copySparse copies size bytes from src to dst, skipping all-zero 64 KiB
+// blocks so that the copy stays sparse. (The engine has no allocation map
+// API yet, so unallocated clusters are read, as zeros, and skipped.)
+func copySparse(ctx context.Context, dst *qcow2.Image, src io.ReaderAt, size int64) error {
+	const chunk, block = 1 << 20, 64 << 10
+	buf := make([]byte, chunk)
+	zero := make([]byte, block)
+	for off := int64(0); off < size; off += chunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(int64(chunk), size-off)
+		if _, err := src.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read source at %d: %w", off, err)
+		}
+		for b := int64(0); b < n; b += block {
+			e := min(b+block, n)
+			if bytes.Equal(buf[b:e], zero[:e-b]) {
+				continue
+			}
+			if _, err := dst.WriteAt(buf[b:e], off+b); err != nil {
+				return fmt.Errorf("write copy at %d: %w", off+b, err)
+			}
+		}
+	}
+	return dst.Flush()
+}

@@ -1,0 +1,115 @@
+// Package driver is the csi-qcow2 CSI driver: identity, controller and node
+// services over volumes that are qcow2 images in a node-local data dir.
+//
+// Every volume lives on the node whose data dir holds it, so the driver
+// runs as one process per node (Mode all) that is both the controller for
+// that node's volumes and its node plugin. The process that stages a
+// volume holds its image open; every other operation opens the image only
+// for as long as it runs, so a detached volume can be inspected with
+// qemu-img.
+package driver
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
+)
+
+// Version is reported by GetPluginInfo.
+var Version = "0.1.0"
+
+// Driver implements the CSI identity, controller and node services.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+
+	opts     Options
+	store    *store
+	locks    *inflight
+	mounter  Mounter
+	attacher Attacher
+
+	mu     sync.Mutex // guards staged; never held across I/O
+	staged map[string]*stagedVolume
+}
+
+// stagedVolume is a volume this process serves: its open image and the
+// device it is attached to.
+type stagedVolume struct {
+	meta   stagedMeta
+	img    *qcow2.Image
+	dev    Device
+	failed atomic.Pointer[string] // why the export failed, if it did
+	// targets are where it is published; guarded by the volume's lock.
+	targets map[string]struct{}
+}
+
+func newStagedVolume(m stagedMeta, img *qcow2.Image) *stagedVolume {
+	return &stagedVolume{meta: m, img: img, targets: map[string]struct{}{}}
+}
+
+// New returns a driver over opts' data dir with the given OS boundary.
+func New(opts Options, m Mounter, a Attacher) (*Driver, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	s, err := newStore(opts.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	return &Driver{
+		opts: opts, store: s, locks: newInflight(),
+		mounter: m, attacher: a,
+		staged: map[string]*stagedVolume{},
+	}, nil
+}
+
+func (d *Driver) stagedVolume(id string) *stagedVolume {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.staged[id]
+}
+
+func (d *Driver) setStaged(id string, sv *stagedVolume) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if sv == nil {
+		delete(d.staged, id)
+	} else {
+		d.staged[id] = sv
+	}
+}
+
+// withImage runs fn on the volume's image: the staged one if this process
+// serves it, else the image opened for fn alone. The caller holds the
+// volume's lock.
+func (d *Driver) withImage(id string, readOnly bool, fn func(img *qcow2.Image, sv *stagedVolume) error) (err error) {
+	if sv := d.stagedVolume(id); sv != nil {
+		return fn(sv.img, sv)
+	}
+	img, err := qcow2.Open(d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: readOnly})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := img.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	return fn(img, nil)
+}
+
+func (d *Driver) topology() *csi.Topology {
+	return &csi.Topology{Segments: map[string]string{d.opts.TopologyKey: d.opts.NodeID}}
+}
+
+// lock marks the given ids busy for the length of an RPC.
+func (d *Driver) lock(ctx context.Context, keys ...string) (func(), error) {
+	_ = ctx
+	return d.locks.acquire(keys...)
+}

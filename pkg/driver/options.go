@@ -1,0 +1,142 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// DefaultDriverName is the one name the driver is known by: GetPluginInfo
+// answers it, and the CSIDriver object and StorageClass provisioner must use
+// it too.
+const DefaultDriverName = "qcow2.csi-qcow2.io"
+
+// DefaultTopologyKey is the topology segment key NodeGetInfo reports and
+// CreateVolume answers in accessible_topology.
+const DefaultTopologyKey = "topology.qcow2.csi-qcow2.io/node"
+
+// Mode selects which CSI services the process serves.
+type Mode string
+
+const (
+	// ModeAll serves identity, controller and node: the deployment the
+	// driver is designed for, one process per node holding that node's
+	// images (the controller must run where the images are).
+	ModeAll Mode = "all"
+	// ModeController serves identity and controller only.
+	ModeController Mode = "controller"
+	// ModeNode serves identity and node only.
+	ModeNode Mode = "node"
+)
+
+// Options configure the driver. Run validates them.
+type Options struct {
+	// Endpoint is the gRPC listen address, unix:///path/csi.sock.
+	Endpoint string
+	// NodeID is this node's name; it is the topology segment value too.
+	NodeID string
+	// DataDir holds volumes/ (images and metadata), snapshots/ and staged/.
+	DataDir string
+	// DriverName is answered by GetPluginInfo.
+	DriverName string
+	// TopologyKey is the topology segment key.
+	TopologyKey string
+	// Mode selects the services served.
+	Mode Mode
+	// MaxVolumes caps NodeGetInfo's max_volumes_per_node; 0 means the
+	// number of free /dev/nbdX devices.
+	MaxVolumes int64
+	// CapacityReserve is kept free on the data dir's filesystem: GetCapacity
+	// answers free bytes minus this.
+	CapacityReserve int64
+	// NBDConnections is the number of NBD sockets per attached device; 0
+	// means nbdattach's default (one per CPU, at most 8).
+	NBDConnections int
+	// DeadConnTimeout is how long I/O on an attached device waits for a
+	// restarted driver to reconnect before failing.
+	DeadConnTimeout time.Duration
+}
+
+// DefaultOptions are the flag defaults.
+func DefaultOptions() Options {
+	return Options{
+		Endpoint:        "unix:///csi/csi.sock",
+		DriverName:      DefaultDriverName,
+		TopologyKey:     DefaultTopologyKey,
+		Mode:            ModeAll,
+		DeadConnTimeout: 2 * time.Minute,
+	}
+}
+
+// AddFlags registers the driver's flags on fs, defaulting to o's values.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Endpoint, "endpoint", o.Endpoint, "CSI endpoint, unix:///path/csi.sock")
+	fs.StringVar(&o.NodeID, "node-id", o.NodeID, "this node's name (also its topology segment value)")
+	fs.StringVar(&o.DataDir, "data-dir", o.DataDir, "directory holding the volume images and metadata")
+	fs.StringVar(&o.DriverName, "driver-name", o.DriverName, "CSI driver name (CSIDriver and StorageClass provisioner)")
+	fs.StringVar(&o.TopologyKey, "topology-key", o.TopologyKey, "topology segment key reported by NodeGetInfo")
+	fs.StringVar((*string)(&o.Mode), "mode", string(o.Mode), "services to serve: all, controller or node")
+	fs.Int64Var(&o.MaxVolumes, "max-volumes", o.MaxVolumes, "max volumes per node (0: the number of free /dev/nbdX)")
+	fs.Int64Var(&o.CapacityReserve, "capacity-reserve", o.CapacityReserve, "bytes of the data dir's filesystem GetCapacity keeps back")
+	fs.IntVar(&o.NBDConnections, "nbd-connections", o.NBDConnections, "NBD sockets per device (0: one per CPU, at most 8)")
+	fs.DurationVar(&o.DeadConnTimeout, "nbd-dead-conn-timeout", o.DeadConnTimeout, "how long device I/O waits for a restarted driver")
+}
+
+// Validate checks the options and cleans DataDir.
+func (o *Options) Validate() error {
+	var errs []error
+	if _, err := socketPath(o.Endpoint); err != nil {
+		errs = append(errs, err)
+	}
+	if o.NodeID == "" {
+		errs = append(errs, errors.New("--node-id is required"))
+	}
+	if o.DataDir == "" {
+		errs = append(errs, errors.New("--data-dir is required"))
+	} else if !filepath.IsAbs(o.DataDir) {
+		abs, err := filepath.Abs(o.DataDir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--data-dir: %w", err))
+		}
+		o.DataDir = abs
+	}
+	if o.DriverName == "" || len(o.DriverName) > 63 || strings.ContainsAny(o.DriverName, " /") {
+		errs = append(errs, fmt.Errorf("--driver-name %q: want a DNS-style name of at most 63 characters", o.DriverName))
+	}
+	if o.TopologyKey == "" {
+		errs = append(errs, errors.New("--topology-key is required"))
+	}
+	switch o.Mode {
+	case ModeAll, ModeController, ModeNode:
+	default:
+		errs = append(errs, fmt.Errorf("--mode %q: want all, controller or node", o.Mode))
+	}
+	if o.MaxVolumes < 0 || o.CapacityReserve < 0 || o.NBDConnections < 0 || o.DeadConnTimeout < 0 {
+		errs = append(errs, errors.New("--max-volumes, --capacity-reserve, --nbd-connections and --nbd-dead-conn-timeout must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+// socketPath returns the filesystem path of a unix:// endpoint.
+func socketPath(endpoint string) (string, error) {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" {
+		return "", fmt.Errorf("--endpoint %q: want unix:///path/to/csi.sock", endpoint)
+	}
+	p := u.Path
+	if u.Host != "" { // unix://relative/path
+		p = u.Host + p
+	}
+	if p == "" {
+		return "", fmt.Errorf("--endpoint %q: no socket path", endpoint)
+	}
+	return p, nil
+}
+
+func (m Mode) controller() bool { return m == ModeAll || m == ModeController }
+func (m Mode) node() bool       { return m == ModeAll || m == ModeNode }

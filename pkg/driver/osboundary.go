@@ -1,0 +1,181 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/nbdattach"
+)
+
+// Attacher turns a served image into a block device. It is an interface
+// because the real one needs root and the kernel's nbd driver; unit tests
+// and csi-sanity on a host without nbd use a fake.
+type Attacher interface {
+	// Attach serves b and attaches it to a free device. onError is called
+	// when a served connection fails (the volume condition turns abnormal).
+	Attach(ctx context.Context, volumeID string, b nbdattach.Backend, onError func(error)) (Device, error)
+	// Reconnect serves b to the device a previous process left attached.
+	Reconnect(ctx context.Context, volumeID string, index int, b nbdattach.Backend, onError func(error)) (Device, error)
+	// FreeDevices counts the devices free to attach to.
+	FreeDevices(ctx context.Context) (int, error)
+}
+
+// Device is one attached block device.
+type Device interface {
+	Index() int
+	Path() string
+	Resize(ctx context.Context, size int64) error
+	Detach(ctx context.Context) error
+}
+
+// Mounter is the mount side of the OS boundary: mount-utils in production
+// (needs root), mount-utils' FakeMounter in tests.
+type Mounter interface {
+	// FormatAndMount formats source with fsType if it holds no filesystem,
+	// then mounts it.
+	FormatAndMount(source, target, fsType string, options []string) error
+	Mount(source, target, fsType string, options []string) error
+	Unmount(target string) error
+	IsMountPoint(path string) (bool, error)
+	// ResizeFs grows the filesystem on devicePath mounted at mountPath.
+	ResizeFs(devicePath, mountPath string) error
+	// Freeze and Thaw suspend writes to the filesystem mounted at path.
+	Freeze(path string) error
+	Thaw(path string) error
+}
+
+var (
+	_ Attacher = (*nbdAttacher)(nil)
+	_ Device   = (*nbdDevice)(nil)
+	_ Mounter  = (*osMounter)(nil)
+)
+
+// nbdAttacher attaches through pkg/nbdattach. The kernel is opened on
+// first use, so a controller-only process, or a host without nbd, starts.
+type nbdAttacher struct {
+	opts Options
+	once sync.Once
+	a    *nbdattach.Attacher
+	err  error
+}
+
+func newNBDAttacher(opts Options) *nbdAttacher { return &nbdAttacher{opts: opts} }
+
+func (n *nbdAttacher) kernel() (*nbdattach.Attacher, error) {
+	n.once.Do(func() { n.a, n.err = nbdattach.NewAttacher(nbdattach.AttacherOptions{}) })
+	return n.a, n.err
+}
+
+func (n *nbdAttacher) attachOptions(volumeID string, onError func(error)) nbdattach.AttachOptions {
+	return nbdattach.AttachOptions{
+		Index:           nbdattach.AnyIndex,
+		Connections:     n.opts.NBDConnections,
+		DeadConnTimeout: n.opts.DeadConnTimeout,
+		Identifier:      volumeID,
+		OnConnError:     onError,
+	}
+}
+
+func (n *nbdAttacher) Attach(ctx context.Context, volumeID string, b nbdattach.Backend, onError func(error)) (Device, error) {
+	return n.connect(ctx, volumeID, nbdattach.AnyIndex, b, onError)
+}
+
+func (n *nbdAttacher) Reconnect(ctx context.Context, volumeID string, index int, b nbdattach.Backend, onError func(error)) (Device, error) {
+	return n.connect(ctx, volumeID, index, b, onError)
+}
+
+func (n *nbdAttacher) connect(ctx context.Context, volumeID string, index int, b nbdattach.Backend, onError func(error)) (Device, error) {
+	a, err := n.kernel()
+	if err != nil {
+		return nil, err
+	}
+	e, err := nbdattach.NewExport(b, nbdattach.ExportOptions{Name: volumeID})
+	if err != nil {
+		return nil, err
+	}
+	o := n.attachOptions(volumeID, onError)
+	var d *nbdattach.Device
+	if index == nbdattach.AnyIndex {
+		d, err = a.Attach(ctx, e, o)
+	} else {
+		o.Index = index
+		d, err = a.Reconnect(ctx, index, e, o)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &nbdDevice{d: d}, nil
+}
+
+func (n *nbdAttacher) FreeDevices(ctx context.Context) (int, error) {
+	a, err := n.kernel()
+	if err != nil {
+		return 0, err
+	}
+	return a.FreeDevices(ctx)
+}
+
+type nbdDevice struct{ d *nbdattach.Device }
+
+func (d *nbdDevice) Index() int                                   { return d.d.Index }
+func (d *nbdDevice) Path() string                                 { return d.d.Path }
+func (d *nbdDevice) Resize(ctx context.Context, size int64) error { return d.d.Resize(ctx, size) }
+func (d *nbdDevice) Detach(ctx context.Context) error             { return d.d.Detach(ctx) }
+
+// osMounter is mount-utils' SafeFormatAndMount plus resize and freeze.
+type osMounter struct {
+	*mount.SafeFormatAndMount
+}
+
+func newOSMounter() *osMounter {
+	return &osMounter{&mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}}
+}
+
+func (m *osMounter) IsMountPoint(path string) (bool, error) {
+	return m.Interface.IsMountPoint(path)
+}
+
+func (m *osMounter) ResizeFs(devicePath, mountPath string) error {
+	_, err := mount.NewResizeFs(m.Exec).Resize(devicePath, mountPath)
+	return err
+}
+
+func (m *osMounter) Freeze(path string) error { return fsIoctl(path, fiFreeze) }
+func (m *osMounter) Thaw(path string) error   { return fsIoctl(path, fiThaw) }
+
+// FIFREEZE and FITHAW: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const (
+	fiFreeze = 0xC0045877
+	fiThaw   = 0xC0045878
+)
+
+func fsIoctl(path string, req uint) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), req, 0); err != nil {
+		return fmt.Errorf("ioctl %#x on %s: %w", req, path, err)
+	}
+	return nil
+}
+
+// errNoReflink means the filesystem cannot clone file extents.
+var errNoReflink = errors.New("reflink not supported")
+
+// reflink makes dst share src's extents (FICLONE). Any failure is reported
+// as errNoReflink wrapping the cause, and the caller copies instead.
+func reflink(src, dst *os.File) error {
+	if err := unix.IoctlFileClone(int(dst.Fd()), int(src.Fd())); err != nil {
+		return fmt.Errorf("%w: %w", errNoReflink, err)
+	}
+	return nil
+}

@@ -1,0 +1,107 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+)
+
+// Run serves the driver with the OS's mounter and /dev/nbdX attacher until
+// ctx is done.
+func Run(ctx context.Context, opts Options) error {
+	d, err := New(opts, newOSMounter(), newNBDAttacher(opts))
+	if err != nil {
+		return err
+	}
+	return d.Serve(ctx)
+}
+
+// Serve listens on the endpoint (removing a stale socket first), recovers
+// staged volumes, and serves until ctx is done, then stops gracefully.
+func (d *Driver) Serve(ctx context.Context) error {
+	path, err := socketPath(d.opts.Endpoint)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	if d.opts.Mode.node() {
+		d.recoverStaged(ctx)
+	}
+	srv := d.NewGRPCServer()
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			srv.GracefulStop()
+		case <-done:
+		}
+	}()
+	klog.InfoS("Serving CSI", "endpoint", d.opts.Endpoint, "driver", d.opts.DriverName, "nodeID", d.opts.NodeID, "mode", d.opts.Mode)
+	err = srv.Serve(l)
+	close(done)
+	d.flushStaged()
+	if errors.Is(err, grpc.ErrServerStopped) {
+		err = nil
+	}
+	return err
+}
+
+// NewGRPCServer registers the services of d.opts.Mode.
+func (d *Driver) NewGRPCServer() *grpc.Server {
+	srv := grpc.NewServer(grpc.UnaryInterceptor(logAndMapErrors))
+	csi.RegisterIdentityServer(srv, d)
+	if d.opts.Mode.controller() {
+		csi.RegisterControllerServer(srv, d)
+	}
+	if d.opts.Mode.node() {
+		csi.RegisterNodeServer(srv, d)
+	}
+	return srv
+}
+
+// logAndMapErrors is the one place failed RPCs are logged, and where every
+// handler's error becomes a gRPC status (errors.go).
+func logAndMapErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	klog.V(4).InfoS("RPC", "method", info.FullMethod, "request", req)
+	resp, err := handler(ctx, req)
+	if err != nil {
+		err = toStatus(err)
+		klog.ErrorS(err, "RPC failed", "method", info.FullMethod, "code", status.Code(err).String())
+		return nil, err
+	}
+	return resp, nil
+}
+
+// flushStaged makes what staged volumes acknowledged durable before the
+// process exits. The devices stay attached: the next process reconnects.
+func (d *Driver) flushStaged() {
+	d.mu.Lock()
+	svs := make([]*stagedVolume, 0, len(d.staged))
+	for _, sv := range d.staged {
+		svs = append(svs, sv)
+	}
+	d.mu.Unlock()
+	for _, sv := range svs {
+		if err := sv.img.Flush(); err != nil {
+			klog.ErrorS(err, "Flushing staged volume at exit failed", "volumeID", sv.meta.VolumeID)
+		}
+	}
+}
