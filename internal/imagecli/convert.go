@@ -16,7 +16,7 @@ import (
 func convertSpec() spec {
 	return spec{
 		name:     "convert",
-		synopsis: "[-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-q] SRC DST",
+		synopsis: "[-f FMT] [-l SNAPSHOT] [-c] [-O OUTPUT_FMT] [-o OPTIONS] [-q] SRC DST",
 		summary:  "Copy image SRC into a new image DST, converting the format.",
 		help: `DST must not exist: unlike qemu-img, convert never overwrites a file, and
 on any failure (including Ctrl-C) the partial DST is removed.
@@ -25,6 +25,11 @@ a qcow2 DST leaves clusters unallocated). A qcow2 SRC is opened read-only
 and read through its backing chain, so DST has no backing file.
 OUTPUT_FMT defaults to raw, as in qemu-img; -o takes create's options
 (see 'csi-qcow2 image create -o help').
+-l reads an internal snapshot of a qcow2 SRC instead of its current disk:
+snapshot.name=NAME, snapshot.id=ID or a bare id or name (id first); DST
+gets the snapshot's virtual size.
+-c compresses every cluster of a qcow2 DST that compression shrinks, as
+qemu-img convert -c does (zlib).
 
 Example:
   csi-qcow2 image convert -O qcow2 -o cluster_size=64k disk.raw disk.qcow2
@@ -34,6 +39,8 @@ Example:
 }
 
 type convertCmd struct {
+	snapshot  string
+	compress  bool
 	srcFormat string
 	dstFormat string
 	options   []string
@@ -42,6 +49,8 @@ type convertCmd struct {
 
 func (c *convertCmd) flags(fs *pflag.FlagSet) {
 	fs.StringVarP(&c.srcFormat, "format", "f", "", "SRC format: qcow2 or raw (default: probe)")
+	fs.StringVarP(&c.snapshot, "snapshot", "l", "", "read SRC's internal snapshot (snapshot.name=NAME, snapshot.id=ID or NAME)")
+	fs.BoolVarP(&c.compress, "compress", "c", false, "write DST's clusters compressed (qcow2 only)")
 	fs.StringVarP(&c.dstFormat, "output-format", "O", formatRaw, "DST format: qcow2 or raw")
 	fs.StringArrayVarP(&c.options, "options", "o", nil, "DST format options, as for create (-o help lists them)")
 	fs.BoolVarP(&c.quiet, "quiet", "q", false, "quiet (convert prints nothing on success anyway)")
@@ -65,20 +74,37 @@ func (c *convertCmd) run(ctx context.Context, s streams, args []string) error {
 	if o.hasSize || o.qcow2.BackingFile != "" || o.qcow2.BackingFormat != "" {
 		return errors.New("convert takes the size from SRC and writes no backing file; drop size and backing_* from -o")
 	}
+	if c.compress && c.dstFormat != formatQcow2 {
+		return usageErrorf("-c needs -O qcow2: %s images cannot be compressed", c.dstFormat)
+	}
 	src, dst := args[0], args[1]
 	if _, err := os.Lstat(dst); err == nil {
 		return fmt.Errorf("%s: %w (convert never overwrites)", dst, fs.ErrExist)
 	}
-	in, _, err := openDisk(src, c.srcFormat, false)
+	in, err := c.openSource(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
 	o.size = in.Size()
+	o.compress = c.compress
 	if err := convertTo(ctx, in, dst, o); err != nil {
 		return fmt.Errorf("convert '%s' to '%s': %w", src, dst, err)
 	}
 	return nil
+}
+
+// openSource opens SRC, or its snapshot with -l.
+func (c *convertCmd) openSource(src string) (disk, error) {
+	if c.snapshot == "" {
+		in, _, err := openDisk(src, c.srcFormat, false)
+		return in, err
+	}
+	name, err := parseSnapshotParam(c.snapshot)
+	if err != nil {
+		return nil, err
+	}
+	return openSnapshotDisk(src, c.srcFormat, name)
 }
 
 // convertTo creates dst, copies in into it and makes it durable; on any
@@ -127,6 +153,9 @@ func createOutput(dst string, o createOptions) (output, int64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
+	if o.compress {
+		return &compressedOutput{qcow2Output{img}}, int64(img.Info().ClusterSize), nil
+	}
 	return &qcow2Output{img}, int64(img.Info().ClusterSize), nil
 }
 
@@ -152,4 +181,20 @@ func (q *qcow2Output) Close() error {
 		err = cerr
 	}
 	return err
+}
+
+// compressedOutput writes whole clusters compressed. copySparse hands it
+// runs of whole clusters (the block size is the cluster size), the last
+// one possibly cut short by the end of the disk.
+type compressedOutput struct{ qcow2Output }
+
+func (c *compressedOutput) WriteAt(p []byte, off int64) (int, error) {
+	cs := int64(c.Info().ClusterSize)
+	for done := int64(0); done < int64(len(p)); done += cs {
+		n := min(cs, int64(len(p))-done)
+		if err := c.WriteCompressed(p[done:done+n], off+done); err != nil {
+			return int(done), err
+		}
+	}
+	return len(p), nil
 }

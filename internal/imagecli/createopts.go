@@ -20,10 +20,12 @@ var errOptionsHelp = errors.New("options help requested")
 // createOptions are the -o options of create and convert, plus -b/-F, in
 // the units qemu-img prints them.
 type createOptions struct {
-	format  string
-	size    int64
-	hasSize bool
-	qcow2   qcow2.CreateOptions // size is copied in at creation
+	format string
+	// compress makes convert write compressed clusters (-c).
+	compress bool
+	size     int64
+	hasSize  bool
+	qcow2    qcow2.CreateOptions // size is copied in at creation
 }
 
 // option is one -o key: its help line and how to apply a value. Options are
