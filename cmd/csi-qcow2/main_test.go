@@ -51,9 +51,11 @@ func TestMainDispatch(t *testing.T) {
 		stderrHas string
 	}{
 		{"help", []string{"--help"}, 0, "csi-qcow2 image COMMAND", ""},
-		{"h", []string{"-h"}, 0, "CSI driver is coming", ""},
-		{"no arguments", nil, 1, "", "the CSI driver is not implemented yet"},
-		{"driver flags", []string{"--endpoint=unix:///csi/csi.sock", "--node-id=n1"}, 1, "", "not implemented yet"},
+		{"h", []string{"-h"}, 0, "--data-dir", ""},
+		{"no arguments", nil, 2, "", "--node-id is required"},
+		{"driver flags without data dir", []string{"--endpoint=unix:///csi/csi.sock", "--node-id=n1"}, 2, "", "--data-dir is required"},
+		{"driver bad mode", []string{"--node-id=n1", "--data-dir=/tmp", "--mode=x"}, 2, "", "--mode"},
+		{"driver unknown flag", []string{"--bogus"}, 2, "", "unknown flag"},
 		{"image help", []string{"image", "--help"}, 0, "Usage: csi-qcow2 image COMMAND", ""},
 		{"image create help", []string{"image", "create", "--help"}, 0, "Usage: csi-qcow2 image create", ""},
 		{"image unknown", []string{"image", "bogus"}, 1, "", `unknown command "bogus"`},
