@@ -391,8 +391,12 @@ func TestInteropQemuSnapshotsListReadRevert(t *testing.T) {
 				requireCheckClean(t, "after revert to "+name, img)
 			}
 			h := newHarness(t, newRand(t), img, path, slices.Clone(want["one"]))
+			mix := defaultMix
+			if strings.Contains(opts, "compat=0.10") {
+				mix.resize = 0 // QEMU cannot apply a snapshot of another size on v2
+			}
 			for range 60 {
-				h.step(defaultMix)
+				h.step(mix)
 			}
 			if err := h.img.DeleteSnapshot("two"); err != nil {
 				t.Fatal(err)
