@@ -165,9 +165,13 @@ func newTestEnv(t *testing.T) *testEnv {
 		t.Fatal(err)
 	}
 	e.d = d
+	l, err := d.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- d.Serve(ctx) }()
+	go func() { served <- d.ServeOn(ctx, l) }()
 	conn, err := grpc.NewClient(opts.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

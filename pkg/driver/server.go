@@ -25,23 +25,33 @@ func Run(ctx context.Context, opts Options) error {
 	return d.Serve(ctx)
 }
 
-// Serve listens on the endpoint (removing a stale socket first), recovers
-// staged volumes, and serves until ctx is done, then stops gracefully.
+// Serve listens on the endpoint and serves until ctx is done.
 func (d *Driver) Serve(ctx context.Context) error {
+	l, err := d.Listen()
+	if err != nil {
+		return err
+	}
+	return d.ServeOn(ctx, l)
+}
+
+// Listen listens on the endpoint's unix socket, removing a stale one.
+func (d *Driver) Listen() (net.Listener, error) {
 	path, err := socketPath(d.opts.Endpoint)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove stale socket: %w", err)
+		return nil, fmt.Errorf("remove stale socket: %w", err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return err
+		return nil, err
 	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return err
-	}
+	return net.Listen("unix", path)
+}
+
+// ServeOn recovers staged volumes and serves on l until ctx is done, then
+// stops gracefully.
+func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	if d.opts.Mode.node() {
 		d.recoverStaged(ctx)
 	}
@@ -55,7 +65,7 @@ func (d *Driver) Serve(ctx context.Context) error {
 		}
 	}()
 	klog.InfoS("Serving CSI", "endpoint", d.opts.Endpoint, "driver", d.opts.DriverName, "nodeID", d.opts.NodeID, "mode", d.opts.Mode)
-	err = srv.Serve(l)
+	err := srv.Serve(l)
 	close(done)
 	d.flushStaged()
 	if errors.Is(err, grpc.ErrServerStopped) {

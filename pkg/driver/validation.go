@@ -123,7 +123,8 @@ func parseSize(s string) (int64, error) {
 // roundCapacity picks the size for a capacity range: required rounded up to
 // 1 MiB (default 1 GiB when neither bound is set, or the limit if that is
 // smaller), refused with OutOfRange when the limit cannot be honoured.
-// min is a lower bound from a content source (0 if none).
+// min is a lower bound from a content source (0 if none); with a source
+// and no required bytes, the size is the source's.
 func roundCapacity(r *csi.CapacityRange, min int64) (int64, error) {
 	var req, lim int64
 	if r != nil {
@@ -136,7 +137,7 @@ func roundCapacity(r *csi.CapacityRange, min int64) (int64, error) {
 		return 0, newError(errInvalid, "capacity range: required %d > limit %d", req, lim)
 	}
 	size := req
-	if size == 0 {
+	if size == 0 && min == 0 {
 		size = defaultCapacity
 		if lim > 0 && lim < size {
 			size = lim
