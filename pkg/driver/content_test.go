@@ -1,0 +1,89 @@
+package driver
+
+import (
+	"bytes"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
+)
+
+// TestTrimClone covers the reflink path's second half on a plain copy of
+// the file (what FICLONE yields, without a filesystem that supports it):
+// the copy reverts to the snapshot, keeps no snapshots, and grows.
+func TestTrimClone(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.qcow2")
+	img, err := qcow2.Create(src, qcow2.CreateOptions{Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.WriteAt([]byte("old"), 4096)
+	if _, err := img.CreateSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	img.WriteAt([]byte("new"), 4096)
+	img.CreateSnapshot("s2")
+	img.Close()
+
+	for _, tt := range []struct{ snap, want string }{{"s1", "old"}, {"", "new"}} {
+		dst := filepath.Join(dir, "dst"+tt.snap)
+		copyFile(t, src, dst)
+		c, err := qcow2.Open(dst, qcow2.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := trimClone(c, tt.snap, 4<<20); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 3)
+		c.ReadAt(b, 4096)
+		if string(b) != tt.want || len(c.Snapshots()) != 0 || c.Size() != 4<<20 {
+			t.Fatalf("clone of %q: reads %q, %d snapshots, size %d", tt.snap, b, len(c.Snapshots()), c.Size())
+		}
+		c.Close()
+		if r, err := qcow2.CheckFile(dst, qcow2.CheckOptions{}); err != nil || !r.Clean() {
+			t.Fatalf("check: %v %+v", err, r)
+		}
+	}
+}
+
+func TestCopySparse(t *testing.T) {
+	dir := t.TempDir()
+	src, _ := qcow2.Create(filepath.Join(dir, "a"), qcow2.CreateOptions{Size: 8 << 20})
+	defer src.Close()
+	src.WriteAt(bytes.Repeat([]byte{7}, 100), 5<<20+10)
+	dst, _ := qcow2.Create(filepath.Join(dir, "b"), qcow2.CreateOptions{Size: 8 << 20})
+	if err := copySparse(t.Context(), dst, src, src.Size()); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 8<<20)
+	dst.ReadAt(b, 0)
+	dst.Close()
+	if !bytes.Equal(b[5<<20+10:5<<20+110], bytes.Repeat([]byte{7}, 100)) || bytes.Count(b, []byte{7}) != 100 {
+		t.Fatal("content differs")
+	}
+	fi, _ := os.Stat(filepath.Join(dir, "b"))
+	if fi.Size() > 1<<20 {
+		t.Fatalf("copy is not sparse: %d bytes", fi.Size())
+	}
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	in, err := os.Open(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	out.Close()
+}
