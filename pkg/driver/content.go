@@ -105,7 +105,7 @@ func createEmpty(path string, m *volumeMeta) error {
 // reverting to the one restored). Otherwise the allocated content is copied
 // into a new image, sparsely.
 func (d *Driver) populate(ctx context.Context, tmp string, m *volumeMeta, src source) error {
-	if d.stagedVolume(src.volumeID) == nil && src.params == m.Params {
+	if d.stagedVolume(src.volumeID) == nil && d.notHeldElsewhere(src.volumeID) == nil && src.params == m.Params {
 		err := d.reflinkImage(tmp, m, src)
 		if err == nil {
 			return nil

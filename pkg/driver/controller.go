@@ -159,6 +159,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if d.stagedVolume(id) != nil {
 		return nil, newError(errFailedPrecondition, "volume %s is staged on this node", id)
 	}
+	if err := d.notHeldElsewhere(id); err != nil {
+		return nil, err
+	}
 	snaps, err := d.snapshotsOf(id)
 	if err != nil {
 		return nil, err

@@ -11,6 +11,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 
@@ -92,6 +93,9 @@ func (d *Driver) withImage(id string, readOnly bool, fn func(img *qcow2.Image, s
 	if sv := d.stagedVolume(id); sv != nil {
 		return fn(sv.img, sv)
 	}
+	if err := d.notHeldElsewhere(id); err != nil {
+		return err
+	}
 	img, err := qcow2.Open(d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: readOnly})
 	if err != nil {
 		return err
@@ -112,4 +116,17 @@ func (d *Driver) topology() *csi.Topology {
 func (d *Driver) lock(ctx context.Context, keys ...string) (func(), error) {
 	_ = ctx
 	return d.locks.acquire(keys...)
+}
+
+// notHeldElsewhere refuses a volume recorded as staged that this process
+// does not serve: another process (a node-mode driver, or one whose
+// restart recovery failed) may have its image open, and two writers would
+// corrupt it.
+func (d *Driver) notHeldElsewhere(id string) error {
+	if _, err := d.store.readStaged(id); err == nil {
+		return newError(errFailedPrecondition, "volume %s is staged but not served by this process", id)
+	} else if !errors.Is(err, errNotFound) {
+		return err
+	}
+	return nil
 }

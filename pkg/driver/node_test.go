@@ -245,6 +245,10 @@ func TestRecoverStaged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Before recovery the image may be open elsewhere: hands off.
+	if err := d2.withImage(id, true, func(*qcow2.Image, *stagedVolume) error { return nil }); codeOf(err) != codes.FailedPrecondition {
+		t.Fatalf("withImage on a volume staged elsewhere: %v", err)
+	}
 	d2.recoverStaged(context.Background())
 	sv := d2.stagedVolume(id)
 	if sv == nil || sv.dev.Index() != 0 || len(e.mounter.MountPoints) != mounts {
