@@ -22,12 +22,8 @@ func (img *Image) fixedMetadata() [4]extent {
 	}
 }
 
-func (img *Image) snapshotTableBytes() int64 {
-	if len(img.snapshots) == 0 {
-		return 0
-	}
-	return int64(len(encodeSnapshotTable(img.snapshots)))
-}
+// snapshotTableBytes is the snapshot table's exact length on disk.
+func (img *Image) snapshotTableBytes() int64 { return snapshotTableLen(img.snapshots) }
 
 // checkMetadataWrite vets a write of an L2 table or refcount block slice.
 func (img *Image) checkMetadataWrite(off, length int64) error {

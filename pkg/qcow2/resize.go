@@ -35,6 +35,10 @@ func (img *Image) resizeLocked(size int64) (int64, error) {
 	if img.corrupt {
 		return old, fmt.Errorf("image was found corrupt: %w", ErrCorrupt)
 	}
+	if img.h.version < 3 && len(img.snapshots) > 0 && size != old {
+		// v2 snapshots do not record their size; QEMU refuses too.
+		return old, fmt.Errorf("resizing a v2 (compat=0.10) image that has snapshots: %w", ErrUnsupported)
+	}
 	if size < old {
 		if err := img.checkUnallocatedFrom(size); err != nil {
 			return old, err
