@@ -119,7 +119,10 @@ func (d *Device) Resize(ctx context.Context, size int64) error {
 	if d.detached {
 		return fmt.Errorf("nbdattach: resizing %s: %w", d.Path, ErrNotConnected)
 	}
-	c := deviceConfig{Index: d.Index, Size: uint64(size), BlockSize: uint64(d.opts.BlockSize)}
+	// The kernel refuses a RECONFIGURE of a device attached with a backend
+	// identifier unless it names the same one ("must specify backend").
+	c := deviceConfig{Index: d.Index, Size: uint64(size), BlockSize: uint64(d.opts.BlockSize),
+		Identifier: d.opts.Identifier}
 	if err := d.a.ctl.reconfigure(ctx, c); err != nil {
 		return err
 	}

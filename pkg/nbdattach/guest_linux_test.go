@@ -269,7 +269,7 @@ func guestWriteSync(t *testing.T, path string, data []byte) {
 
 func guestExt4(t *testing.T, a *Attacher) {
 	srv := newGuestServer(t, 128*guestMiB, 64*guestMiB)
-	d := guestAttach(t, a, srv, AttachOptions{Index: AnyIndex, Connections: 2})
+	d := guestAttach(t, a, srv, AttachOptions{Index: AnyIndex, Connections: 2, Identifier: "pvc-guest-ext4"})
 	guestRun(t, "mkfs.ext4", "-q", "-F", "-b", "4096", d.Path)
 	dir := guestMount(t, d.Path, "ext4")
 	data := bytes.Repeat([]byte("ext4 on nbd\n"), 100000)
