@@ -60,6 +60,8 @@ type Options struct {
 	// DeadConnTimeout is how long I/O on an attached device waits for a
 	// restarted driver to reconnect before failing.
 	DeadConnTimeout time.Duration
+	// MetricsAddress, if set, is where /metrics is served (host:port).
+	MetricsAddress string
 }
 
 // DefaultOptions are the flag defaults.
@@ -85,6 +87,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.Int64Var(&o.CapacityReserve, "capacity-reserve", o.CapacityReserve, "bytes of the data dir's filesystem GetCapacity keeps back")
 	fs.IntVar(&o.NBDConnections, "nbd-connections", o.NBDConnections, "NBD sockets per device (0: one per CPU, at most 8)")
 	fs.DurationVar(&o.DeadConnTimeout, "nbd-dead-conn-timeout", o.DeadConnTimeout, "how long device I/O waits for a restarted driver")
+	fs.StringVar(&o.MetricsAddress, "metrics-address", o.MetricsAddress, "serve Prometheus metrics at http://ADDRESS/metrics, e.g. :9808 (default off)")
 }
 
 // Validate checks the options and cleans DataDir.

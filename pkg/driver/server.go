@@ -55,7 +55,13 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	if d.opts.Mode.node() {
 		d.recoverStaged(ctx)
 	}
-	srv := d.NewGRPCServer()
+	m := newMetrics(d.store)
+	if d.opts.MetricsAddress != "" {
+		if err := m.serve(ctx, d.opts.MetricsAddress); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+	}
+	srv := d.NewGRPCServer(m.unaryInterceptor)
 	done := make(chan struct{})
 	go func() {
 		select {
@@ -74,9 +80,10 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	return err
 }
 
-// NewGRPCServer registers the services of d.opts.Mode.
-func (d *Driver) NewGRPCServer() *grpc.Server {
-	srv := grpc.NewServer(grpc.UnaryInterceptor(logAndMapErrors))
+// NewGRPCServer registers the services of d.opts.Mode. Interceptors given
+// run outside logAndMapErrors, so they see the mapped gRPC status.
+func (d *Driver) NewGRPCServer(outer ...grpc.UnaryServerInterceptor) *grpc.Server {
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append(outer, logAndMapErrors)...))
 	csi.RegisterIdentityServer(srv, d)
 	if d.opts.Mode.controller() {
 		csi.RegisterControllerServer(srv, d)
