@@ -1,0 +1,31 @@
+# csi-qcow2 image: the driver and its `csi-qcow2 image` tool.
+#
+#   docker build -t csi-qcow2:v0.1.0 .
+#
+# Not built in this project's CI (there is no container engine or registry
+# there); the binary itself is what hack/e2e-k8s.sh runs.
+
+FROM golang:1.26-bookworm AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+ARG VERSION=0.1.0
+RUN CGO_ENABLED=0 go build -trimpath \
+	-ldflags "-s -w -X github.com/csi-qcow2/csi-qcow2/pkg/driver.Version=${VERSION}" \
+	-o /out/csi-qcow2 ./cmd/csi-qcow2
+
+FROM debian:bookworm-slim
+# What the node plugin runs: mount/umount, blkid and fsfreeze (util-linux,
+# mount), mkfs.ext4/resize2fs/e2fsck (e2fsprogs), mkfs.xfs/xfs_growfs
+# (xfsprogs), modprobe for the nbd module (kmod).
+RUN apt-get update \
+	&& apt-get install -y --no-install-recommends util-linux mount e2fsprogs xfsprogs kmod \
+	&& rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/csi-qcow2 /usr/local/bin/csi-qcow2
+# Non-root by default: the controller-only instance next to csi-resizer runs
+# as this user. The node plugin cannot: attaching /dev/nbdX, mounting and
+# freezing filesystems need root and privileged: true (deploy/kubernetes/node.yaml
+# sets both, overriding this).
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/csi-qcow2"]
