@@ -117,7 +117,22 @@ func (d *Driver) populate(ctx context.Context, tmp string, m *volumeMeta, src so
 		os.Remove(tmp)
 	}
 	return d.withImage(src.volumeID, true, func(img *qcow2.Image, sv *stagedVolume) error {
-		return copyFrom(ctx, img, sv != nil, tmp, m, src)
+		snap := src.snapshotID
+		if snap == "" && sv != nil {
+			// A staged volume is being written: copy a temporary internal
+			// snapshot of it, taken as CreateSnapshot takes one (filesystem
+			// frozen, image flushed), so the clone holds everything written
+			// before it, synced or not. One left by a crash is stale.
+			snap = "clone-" + m.ID
+			if err := img.DeleteSnapshot(snap); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
+				return err
+			}
+			if _, err := d.takeSnapshot(img, sv, snap); err != nil {
+				return err
+			}
+			defer img.DeleteSnapshot(snap)
+		}
+		return copyFrom(ctx, img, snap, tmp, m)
 	})
 }
 
@@ -170,23 +185,11 @@ func trimClone(img *qcow2.Image, snapshotID string, size int64) error {
 	return img.Flush()
 }
 
-// copyFrom copies a snapshot of img (or img itself) into a new image at
-// tmp. A staged image is being written, so a clone reads a temporary
-// internal snapshot of it instead of the live disk.
-func copyFrom(ctx context.Context, img *qcow2.Image, live bool, tmp string, m *volumeMeta, src source) error {
+// copyFrom copies snapshot snap of img, or img itself when snap is "",
+// into a new image at tmp.
+func copyFrom(ctx context.Context, img *qcow2.Image, snap, tmp string, m *volumeMeta) error {
 	var from io.ReaderAt = img
 	size := img.Size()
-	snap := src.snapshotID
-	if snap == "" && live {
-		snap = "clone-" + m.ID
-		if err := img.Flush(); err != nil {
-			return err
-		}
-		if _, err := img.CreateSnapshot(snap); err != nil && !errors.Is(err, qcow2.ErrSnapshotExists) {
-			return err
-		}
-		defer img.DeleteSnapshot(snap)
-	}
 	if snap != "" {
 		v, err := img.OpenSnapshot(snap)
 		if err != nil {

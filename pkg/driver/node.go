@@ -137,6 +137,11 @@ func (d *Driver) mountStaged(sv *stagedVolume, flags []string) error {
 	if sv.meta.ReadOnly {
 		opts = append(opts, "ro")
 	}
+	if sv.meta.FSType == "xfs" {
+		// A restore or clone is on the same node as its source and has
+		// its filesystem UUID; xfs refuses to mount a duplicate without this.
+		opts = append(opts, "nouuid")
+	}
 	return d.mounter.FormatAndMount(sv.dev.Path(), sv.meta.StagingPath, sv.meta.FSType, opts)
 }
 
