@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Usage: hack/vm/e2e-driver.sh [go test flags, e.g. -test.run TestGuestE2E$]
+#
+# The driver end to end on real /dev/nbdX, mkfs and mount(8), through the
+# CSI gRPC API only (pkg/driver's TestGuestE2E and TestGuestE2ERestart):
+# builds a static csi-qcow2 and pkg/driver's test binary, boots the hack/vm
+# guest and runs the tests there with CSI_QCOW2_E2E_DRIVER pointing at the
+# driver, which they start on a data dir in the guest's tmpfs.
+#
+#   TestGuestE2E         ext4: create, stage + publish, write, snapshot while
+#                        mounted (freeze), write more, restore to a new volume
+#                        (old files, not the new), clone the mounted volume
+#                        (all files), NodeExpandVolume online (df grows),
+#                        NodeGetVolumeStats; xfs: the same snapshot/restore
+#                        with both mounted, online grow; unstage, image check,
+#                        delete; the data dir is empty; no kernel errors.
+#   TestGuestE2ERestart  SIGKILL the driver with a volume mounted, write+fsync
+#                        while it is dead, start it again: it reattaches the
+#                        live /dev/nbdX, the write completes, later writes and
+#                        fsyncs succeed, no I/O error, still read-write.
+#
+# Environment: VM_TIMEOUT (default 300) and the rest of run-guest.sh's.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+start=$(date +%s.%N)
+
+(cd "$repo" && CGO_ENABLED=0 go build -o "$work/csi-qcow2" ./cmd/csi-qcow2)
+(cd "$repo" && CGO_ENABLED=0 go test -c -o "$work/driver.test" ./pkg/driver)
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(-test.run '^TestGuestE2E')
+set +e
+"$here/run-guest.sh" -c 2 -t "${VM_TIMEOUT:-300}" -f "$work/csi-qcow2:/opt/csi-qcow2" \
+	-e CSI_QCOW2_E2E_DRIVER=/opt/csi-qcow2 "$work/driver.test" -test.v "${args[@]}"
+rc=$?
+set -e
+echo "e2e-driver: exit $rc after $(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)") s"
+exit $rc
