@@ -32,6 +32,8 @@ unit:
 
 guest:
 	hack/vm/test-nbdattach.sh
+	hack/vm/csi-sanity-guest.sh
+	hack/vm/e2e-driver.sh
 
 bench:
 	hack/bench-qcow2.sh
