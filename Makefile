@@ -6,7 +6,7 @@ GO      ?= go
 BIN     := _out/csi-qcow2
 DATADIR ?= $(CURDIR)/_out/data
 
-.PHONY: build run test deps vet unit guest bench
+.PHONY: build run test deps vet unit guest bench bench-nbd
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/csi-qcow2
@@ -34,6 +34,12 @@ guest:
 	hack/vm/test-nbdattach.sh
 	hack/vm/csi-sanity-guest.sh
 	hack/vm/e2e-driver.sh
+	hack/vm/e2e-map.sh
 
 bench:
 	hack/bench-qcow2.sh
+
+# image serve against qemu-nbd on the same qcow2 images, fio's nbd engine
+# (~2.5 min; not part of make test).
+bench-nbd:
+	hack/bench-nbd.sh
