@@ -14,6 +14,7 @@ import (
 // hostOp is one mutation of the host file, as the engine issued it.
 type hostOp struct {
 	punch  bool
+	zero   bool // ZeroRange: like a punch, but it extends the file
 	off    int64
 	data   []byte // write
 	length int64  // punch
@@ -52,6 +53,13 @@ func (c *crashFile) PunchHole(off, length int64) error {
 	return c.memFile.PunchHole(off, length)
 }
 
+func (c *crashFile) ZeroRange(off, length int64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pending = append(c.pending, hostOp{zero: true, off: off, length: length})
+	return c.memFile.ZeroRange(off, length)
+}
+
 func (c *crashFile) Sync() error {
 	if c.onSync != nil {
 		c.onSync()
@@ -85,6 +93,13 @@ func (c *crashFile) crashImage(rng *rand.Rand) []byte {
 }
 
 func applyHostOp(b []byte, op hostOp) []byte {
+	if op.zero {
+		if end := op.off + op.length; end > int64(len(b)) {
+			b = append(b, make([]byte, end-int64(len(b)))...)
+		}
+		clear(b[op.off : op.off+op.length])
+		return b
+	}
 	if op.punch {
 		if end := min(op.off+op.length, int64(len(b))); op.off < end {
 			clear(b[op.off:end])

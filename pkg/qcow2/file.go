@@ -24,6 +24,10 @@ type File interface {
 	// Filesystems without hole punching may return an error; callers treat
 	// that as advisory.
 	PunchHole(off, length int64) error
+	// ZeroRange makes [off, off+length) read as zeros, extending the file
+	// if it ends earlier, without writing the zeros where the filesystem
+	// can avoid it. An error means the caller must write zeros itself.
+	ZeroRange(off, length int64) error
 	Close() error
 }
 
@@ -54,6 +58,15 @@ func (f OSFile) PunchHole(off, length int64) error {
 	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	if err != nil {
 		return fmt.Errorf("punch hole at %#x+%#x: %w", off, length, err)
+	}
+	return nil
+}
+
+// ZeroRange uses fallocate(FALLOC_FL_ZERO_RANGE), which allocates
+// unwritten extents (and extends the file) instead of writing zeros.
+func (f OSFile) ZeroRange(off, length int64) error {
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, off, length); err != nil {
+		return fmt.Errorf("zero range at %#x+%#x: %w", off, length, err)
 	}
 	return nil
 }

@@ -164,6 +164,17 @@ func (f *memFile) Truncate(size int64) error {
 	return nil
 }
 
+func (f *memFile) ZeroRange(off, length int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if off < 0 || length < 0 || off+length > f.limit {
+		return fmt.Errorf("memfile: zero range %d+%d: %w", off, length, syscall.EINVAL)
+	}
+	f.grow(off + length)
+	clear(f.data[off : off+length])
+	return nil
+}
+
 func (f *memFile) PunchHole(off, length int64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

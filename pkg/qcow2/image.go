@@ -83,6 +83,16 @@ func (t syncTracker) WriteAt(p []byte, off int64) (int, error) {
 	return t.File.WriteAt(p, off)
 }
 
+func (t syncTracker) ZeroRange(off, length int64) error {
+	t.unsynced.Store(true)
+	return t.File.ZeroRange(off, length)
+}
+
+func (t syncTracker) PunchHole(off, length int64) error {
+	t.unsynced.Store(true)
+	return t.File.PunchHole(off, length)
+}
+
 // hostRange is a byte range of the host file whose clusters each lose one
 // reference when freed (one cluster, or the sectors of a compressed cluster).
 type hostRange struct{ off, length int64 }

@@ -181,25 +181,7 @@ func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error
 // L2 slices reach the disk only after a sync (orderBeforeL2Write).
 func (img *Image) allocatingWrite(p []byte, off int64, plan writePlan) (int64, error) {
 	k := int64(len(plan.old))
-	total := k * img.clusterSize
-	head := off - plan.first<<img.clusterBits
-	tail := total - head - plan.n
-	buf := p[:plan.n]
-	var err error
-	if head > 0 || tail > 0 {
-		buf = make([]byte, total)
-		copy(buf[head:], p[:plan.n])
-		if head > 0 {
-			err = img.readOld(plan.old[0], plan.first, buf[:head], 0)
-		}
-		if tail > 0 && err == nil {
-			err = img.readOld(plan.old[k-1], plan.first+k-1, buf[total-tail:], img.clusterSize-tail)
-		}
-	}
-	if err == nil {
-		img.unsynced.Store(true)
-		err = writeFull(img.f, buf, plan.host)
-	}
+	err := img.writeWithCOW(p[:plan.n], off, plan)
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	defer img.releaseInflight(plan)
@@ -212,6 +194,51 @@ func (img *Image) allocatingWrite(p []byte, off int64, plan writePlan) (int64, e
 		return 0, err
 	}
 	return plan.n, nil
+}
+
+// writeWithCOW writes the guest bytes p at their place in the freshly
+// allocated clusters, filling the rest of the first and last cluster from
+// what they held before. When that is all zeros, the clusters are zeroed
+// with ZeroRange and only p is written (QEMU's handle_alloc_space), which
+// saves writing up to a cluster of zeros per small write.
+func (img *Image) writeWithCOW(p []byte, off int64, plan writePlan) error {
+	k := int64(len(plan.old))
+	total := k * img.clusterSize
+	head := off - plan.first<<img.clusterBits
+	tail := total - head - int64(len(p))
+	if head == 0 && tail == 0 {
+		return writeFull(img.f, p, plan.host)
+	}
+	if (head == 0 || img.readsZero(plan.old[0])) && (tail == 0 || img.readsZero(plan.old[k-1])) {
+		if img.f.ZeroRange(plan.host, total) == nil {
+			return writeFull(img.f, p, plan.host+head)
+		}
+	}
+	buf := make([]byte, total)
+	copy(buf[head:], p)
+	if head > 0 {
+		if err := img.readOld(plan.old[0], plan.first, buf[:head], 0); err != nil {
+			return err
+		}
+	}
+	if tail > 0 {
+		if err := img.readOld(plan.old[k-1], plan.first+k-1, buf[total-tail:], img.clusterSize-tail); err != nil {
+			return err
+		}
+	}
+	return writeFull(img.f, buf, plan.host)
+}
+
+// readsZero reports whether a cluster described by e reads as all zeros
+// without looking at data: a zero cluster, or unallocated with no backing.
+func (img *Image) readsZero(e l2Entry) bool {
+	switch entryKind(e) {
+	case kindZero:
+		return true
+	case kindUnallocated:
+		return img.backing == nil
+	}
+	return false
 }
 
 // linkClusters points the L2 entries at the freshly written clusters and
