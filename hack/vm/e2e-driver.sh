@@ -19,7 +19,18 @@
 #                        live /dev/nbdX, the write completes, later writes and
 #                        fsyncs succeed, no I/O error, still read-write.
 #
-# Environment: VM_TIMEOUT (default 300) and the rest of run-guest.sh's.
+# The guest has one CPU (E2E_CPUS, default 1), so the driver attaches each
+# device with one connection. With two CPUs (two connections per device)
+# about one stage in twenty stalled 30 s under the guest's 6.1 kernel: blkid
+# (mount-utils' format check) blocked on a read of the fresh /dev/nbdX while
+# every server connection sat idle waiting for a request (goroutine dump
+# taken at the stall), until the kernel's timer fired "Connection timed out,
+# retrying (2/2 alive)", marked that connection dead and resent the read on
+# the other. The request never reached the server: a kernel-side stall with
+# several connections, not yet understood. The tests fail on that kernel
+# message, so E2E_CPUS=2 reproduces it.
+#
+# Environment: E2E_CPUS, VM_TIMEOUT (default 300) and run-guest.sh's.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,7 +44,7 @@ start=$(date +%s.%N)
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-test.run '^TestGuestE2E')
 set +e
-"$here/run-guest.sh" -c 2 -t "${VM_TIMEOUT:-300}" -f "$work/csi-qcow2:/opt/csi-qcow2" \
+"$here/run-guest.sh" -c "${E2E_CPUS:-1}" -t "${VM_TIMEOUT:-300}" -f "$work/csi-qcow2:/opt/csi-qcow2" \
 	-e CSI_QCOW2_E2E_DRIVER=/opt/csi-qcow2 "$work/driver.test" -test.v "${args[@]}"
 rc=$?
 set -e

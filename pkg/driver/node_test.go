@@ -49,6 +49,17 @@ func TestStageUnstage(t *testing.T) {
 	if mounted, _ := e.mounter.IsMountPoint(e.stagingPath(id)); !mounted {
 		t.Fatal("staging path not mounted")
 	}
+	// A restore shares its source's UUID on the same node: xfs needs nouuid.
+	mps, _ := e.mounter.List()
+	var opts []string
+	for _, mp := range mps {
+		if mp.Path == e.stagingPath(id) {
+			opts = mp.Opts
+		}
+	}
+	if !contains(opts, "nouuid") {
+		t.Fatalf("xfs staged with opts %v, want nouuid", opts)
+	}
 	// A second stage elsewhere is refused; deleting a staged volume too.
 	_, err := e.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: "/elsewhere", VolumeCapability: rwo})
 	if status.Code(err) != codes.AlreadyExists {
