@@ -79,6 +79,7 @@ func openRaw(path string, flag int) (*rawDisk, error) {
 
 // openQcow2 opens a qcow2 image and names the file in the error.
 func openQcow2(path string, opts qcow2.OpenOptions) (*qcow2.Image, error) {
+	opts.Lock = true
 	img, err := qcow2.Open(absPath(path), opts)
 	if err != nil {
 		return nil, fmt.Errorf("could not open '%s': %w", path, err)

@@ -153,7 +153,7 @@ func (d *Driver) reflinkImage(tmp string, m *volumeMeta, src source) error {
 	if err != nil {
 		return err
 	}
-	img, err := qcow2.Open(tmp, qcow2.OpenOptions{})
+	img, err := qcow2.Open(tmp, qcow2.OpenOptions{Lock: true})
 	if err != nil {
 		return err
 	}

@@ -36,10 +36,13 @@ func (img *Image) Check(opts CheckOptions) (*CheckResult, error) {
 
 // CheckFile checks the image at path, opening it read-only for a plain
 // check (so dirty or corrupt-marked images can be examined) and writable
-// for a repair. A successful RepairAll clears the corrupt bit.
+// for a repair. It takes the image locks either way, so it refuses
+// (ErrLocked) an image that another process has open for writing: a
+// repair of a live image would corrupt it. A successful RepairAll clears
+// the corrupt bit.
 func CheckFile(path string, opts CheckOptions) (*CheckResult, error) {
 	if opts.Repair == RepairNone {
-		img, err := Open(path, OpenOptions{ReadOnly: true, NoBacking: true})
+		img, err := Open(path, OpenOptions{ReadOnly: true, NoBacking: true, Lock: true})
 		if err != nil {
 			return nil, err
 		}
@@ -49,6 +52,10 @@ func CheckFile(path string, opts CheckOptions) (*CheckResult, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, err
+	}
+	if err := lockImage(f, true); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	img, err := openForRepair(OSFile{f}, path)
 	if err != nil {

@@ -29,6 +29,10 @@ var (
 	// ErrSnapshotInUse is returned when deleting a snapshot that an open
 	// SnapshotView is reading.
 	ErrSnapshotInUse = errors.New("qcow2: snapshot is in use")
+	// ErrLocked means another process (QEMU, or another of ours) has the
+	// image open in a way that conflicts: a writer excludes everyone else
+	// and readers exclude writers, as QEMU's image locking does.
+	ErrLocked = errors.New("qcow2: image is in use by another process")
 	// ErrBackingOutsideRoot is returned when a backing file path resolves
 	// outside the directory the caller allowed.
 	ErrBackingOutsideRoot = errors.New("qcow2: backing file outside the allowed root")

@@ -107,6 +107,12 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.Lock {
+		if err := lockImage(f, !opts.ReadOnly); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("open %s: %w", path, err)
+		}
+	}
 	img, err := openImage(OSFile{f}, path, opts)
 	if err != nil {
 		f.Close()

@@ -76,6 +76,11 @@ type OpenOptions struct {
 	// NoBacking opens the image without its backing file: unallocated
 	// clusters read as zeros.
 	NoBacking bool
+	// Lock takes QEMU-compatible image locks (see lock.go) for as long as
+	// the image is open: a writer excludes every other opener, readers
+	// exclude writers, and qemu-img honours the same locks. Long-lived
+	// users (the driver, `image serve` and `image map`) set it.
+	Lock bool
 
 	backingDepth int // how deep in a backing chain this image is opened
 }
