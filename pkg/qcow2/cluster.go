@@ -30,26 +30,39 @@ func (img *Image) setL2(s *slice, pos int64, e l2Entry) {
 	img.l2.markDirty(s)
 }
 
-// l2Table returns the host offset of the L2 table for a guest offset (0 if
-// none), validating what L1 says.
+// l2Table returns the host offset of the active L2 table for a guest offset
+// (0 if none), validating what L1 says.
 func (img *Image) l2Table(guestOff int64) (int64, error) {
 	i := img.l1Index(guestOff)
 	if i >= int64(len(img.l1)) {
 		return 0, nil
 	}
-	e := img.l1[i]
-	if e.offset() == 0 {
-		return 0, nil
-	}
-	if e.offset()%img.clusterSize != 0 || e.offset() < img.clusterSize {
-		return 0, img.markCorrupt("L1 entry %d points at unaligned or reserved offset %#x", i, e.offset())
-	}
-	return e.offset(), nil
+	return img.validL2Offset(img.l1[i], int(i))
 }
 
-// lookup returns the L2 entry for the cluster holding guestOff.
-func (img *Image) lookup(guestOff int64) (l2Entry, error) {
-	t, err := img.l2Table(guestOff)
+// validL2Offset vets an L1 entry's table offset before it is followed.
+func (img *Image) validL2Offset(e l1Entry, i int) (int64, error) {
+	off := e.offset()
+	if off == 0 {
+		return 0, nil
+	}
+	if off%img.clusterSize != 0 || off < img.clusterSize {
+		return 0, img.markCorrupt("L1 entry %d points at unaligned or reserved offset %#x", i, off)
+	}
+	return off, nil
+}
+
+// lookup returns the active L2 entry for the cluster holding guestOff.
+func (img *Image) lookup(guestOff int64) (l2Entry, error) { return img.lookupL1(img.l1, guestOff) }
+
+// lookupL1 returns the L2 entry for guestOff in the tree of l1. The caller
+// holds mu.
+func (img *Image) lookupL1(l1 []l1Entry, guestOff int64) (l2Entry, error) {
+	i := img.l1Index(guestOff)
+	if i >= int64(len(l1)) {
+		return 0, nil
+	}
+	t, err := img.validL2Offset(l1[i], int(i))
 	if t == 0 || err != nil {
 		return 0, err
 	}

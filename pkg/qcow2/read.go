@@ -35,10 +35,15 @@ func entryKind(e l2Entry) extentKind {
 	return kindUnallocated
 }
 
-// mapRead translates [off, off+length) into the longest run starting at off
-// that reads one way. The caller holds mu.
+// mapRead translates [off, off+length) through the active L1 table into
+// the longest run starting at off that reads one way. The caller holds mu.
 func (img *Image) mapRead(off, length int64) (mapping, error) {
-	e, err := img.lookup(off)
+	return img.mapReadL1(img.l1, off, length)
+}
+
+// mapReadL1 is mapRead over the tree of l1.
+func (img *Image) mapReadL1(l1 []l1Entry, off, length int64) (mapping, error) {
+	e, err := img.lookupL1(l1, off)
 	if err != nil {
 		return mapping{}, err
 	}
@@ -51,11 +56,8 @@ func (img *Image) mapRead(off, length int64) (mapping, error) {
 		return m, nil
 	}
 	for next := off + m.n; m.n < length; next += img.clusterSize {
-		ne, err := img.lookup(next)
-		if err != nil || entryKind(ne) != m.kind {
-			break
-		}
-		if m.kind == kindData && ne.offset() != m.host+m.n {
+		ne, err := img.lookupL1(l1, next)
+		if err != nil || entryKind(ne) != m.kind || (m.kind == kindData && ne.offset() != m.host+m.n) {
 			break
 		}
 		m.n += min(length-m.n, img.clusterSize)

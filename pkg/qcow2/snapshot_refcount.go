@@ -98,18 +98,6 @@ func (c *rcCursor) addRange(off, length, delta int64) error {
 	return nil
 }
 
-// validL2Offset vets an L1 entry's table offset before it is followed.
-func (img *Image) validL2Offset(e l1Entry, i int) (int64, error) {
-	off := e.offset()
-	if off == 0 {
-		return 0, nil
-	}
-	if off%img.clusterSize != 0 || off < img.clusterSize {
-		return 0, img.markCorrupt("L1 entry %d points at unaligned or reserved offset %#x", i, off)
-	}
-	return off, nil
-}
-
 // forEachL2Entry calls fn for every entry of the L2 table at t, in order,
 // through the cache. fn may change the entry in place (it returns the new
 // value); changed slices are marked dirty. fn must not use the L2 cache.
