@@ -17,8 +17,8 @@ run: build
 
 # Everything: unit and interop tests (QEMU is the oracle, so CI=true makes
 # missing tools a failure), then the tests that need a real /dev/nbdX, in a
-# qemu guest.
-test: deps vet unit kill-rounds guest
+# qemu guest, then deploy/kubernetes against a real control plane.
+test: deps vet unit kill-rounds guest e2e-k8s
 
 deps:
 	hack/install-deps.sh
@@ -48,3 +48,10 @@ bench:
 # (~2.5 min; not part of make test).
 bench-nbd:
 	hack/bench-nbd.sh
+
+# deploy/kubernetes against a real control plane and the CSI sidecars, built
+# from source and cached in hack/.cache/k8s by hack/k8s-build.sh: ~35 min of
+# builds the first time on 2 busy cores, ~25 s once cached.
+.PHONY: e2e-k8s
+e2e-k8s:
+	hack/e2e-k8s.sh

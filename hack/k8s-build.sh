@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes control plane and the CSI sidecars that
+# hack/e2e-k8s.sh runs, from the Go module proxy (there is no container
+# registry here), into $K8S_CACHE_DIR/bin, one file per name and version:
+#
+#   etcd-v3.7.3 kube-apiserver-v1.37.1 kube-controller-manager-v1.37.1
+#   kubectl-v1.37.1 csi-provisioner-v6.3.0 csi-snapshotter-v8.7.0
+#   snapshot-controller-v8.7.0 csi-resizer-v2.3.0
+#
+# A binary that is already there is not rebuilt, so only the first run pays
+# (~25 min on 2 cores; GOCACHE and GOMODCACHE make a rebuild minutes).
+# Every build happens in a scratch module under the cache, never in the
+# project's go.mod. Recipes (why each is shaped so) are in ../shared/FACTS.md:
+# k8s.io/kubernetes needs its ./staging replaces turned into versions; the
+# provisioner and snapshotter have replace directives, so they are built
+# inside a copy of their own module source.
+#
+# Usage: hack/k8s-build.sh [name...]   (default: all)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${K8S_CACHE_DIR:-$repo/hack/.cache/k8s}
+mkdir -p "$cache/bin" "$cache/src"
+cache=$(cd "$cache" && pwd)
+bin=$cache/bin
+export GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+export GOTOOLCHAIN=local
+
+ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
+K8S_VERSION=${K8S_VERSION:-v1.37.1}
+PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
+SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
+RESIZER_VERSION=${RESIZER_VERSION:-v2.3.0}
+
+log() { echo "k8s-build: $*" >&2; }
+
+have() { [ -x "$bin/$1" ]; }
+
+# module_src M V DEST: a writable copy of module M@V's source in DEST.
+module_src() {
+	local m=$1 v=$2 dest=$3 dir
+	if [ -f "$dest/go.mod" ]; then return; fi
+	dir=$(go mod download -json "$m@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	[ -n "$dir" ] || { log "cannot download $m@$v"; return 1; }
+	rm -rf "$dest.tmp"
+	cp -r "$dir" "$dest.tmp"
+	chmod -R u+w "$dest.tmp"
+	mv "$dest.tmp" "$dest"
+}
+
+build_etcd() {
+	local out=etcd-$ETCD_VERSION
+	have "$out" && return
+	log "building $out"
+	local d=$cache/src/etcd-$ETCD_VERSION
+	mkdir -p "$d"
+	(
+		cd "$d"
+		[ -f go.mod ] || go mod init scratch/etcd >/dev/null 2>&1
+		go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+		go build -trimpath -o "$bin/$out.tmp" go.etcd.io/etcd/server/v3
+	)
+	mv "$bin/$out.tmp" "$bin/$out"
+}
+
+build_kube() {
+	local names=(kube-apiserver kube-controller-manager kubectl) n missing=0
+	for n in "${names[@]}"; do have "$n-$K8S_VERSION" || missing=1; done
+	[ $missing = 1 ] || return 0
+	log "building kube-apiserver, kube-controller-manager, kubectl $K8S_VERSION"
+	local d=$cache/src/kubernetes-$K8S_VERSION
+	local staging=v0.${K8S_VERSION#v1.}
+	mkdir -p "$d"
+	(
+		cd "$d"
+		if [ ! -f go.mod ]; then
+			local gomod
+			gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+			{
+				echo "module scratch/kubernetes"
+				echo
+				echo "go 1.26"
+				echo
+				echo "require k8s.io/kubernetes $K8S_VERSION"
+				echo
+				# k8s.io/X => ./staging/src/k8s.io/X  becomes  k8s.io/X => k8s.io/X v0.N.P
+				sed -n 's#^[[:space:]]*\(replace[[:space:]]\+\)\?\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\2#p' "$gomod" |
+					while read -r m; do echo "replace $m => $m $staging"; done
+			} >go.mod.tmp
+			mv go.mod.tmp go.mod
+		fi
+		local major=${K8S_VERSION#v} minor
+		minor=${major#*.}
+		minor=${minor%%.*}
+		major=${major%%.*}
+		local ld="-s -w"
+		for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+			ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
+			ld+=" -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000"
+			ld+=" -X $p.buildDate=1970-01-01T00:00:00Z"
+		done
+		go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
+			"k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
+			"k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+		for n in "${names[@]}"; do
+			have "$n-$K8S_VERSION" && continue
+			log "  go build $n"
+			go build -trimpath -ldflags "$ld" -o "$bin/$n-$K8S_VERSION.tmp" "k8s.io/kubernetes/cmd/$n"
+			mv "$bin/$n-$K8S_VERSION.tmp" "$bin/$n-$K8S_VERSION"
+		done
+	)
+}
+
+build_provisioner() {
+	local out=csi-provisioner-$PROVISIONER_VERSION
+	have "$out" && return
+	log "building $out"
+	local d=$cache/src/external-provisioner-$PROVISIONER_VERSION
+	module_src "github.com/kubernetes-csi/external-provisioner/v${PROVISIONER_VERSION:1:1}" "$PROVISIONER_VERSION" "$d"
+	(cd "$d" && go build -trimpath -ldflags "-X main.version=$PROVISIONER_VERSION" -o "$bin/$out.tmp" ./cmd/csi-provisioner)
+	mv "$bin/$out.tmp" "$bin/$out"
+}
+
+build_snapshotter() {
+	have "csi-snapshotter-$SNAPSHOTTER_VERSION" && have "snapshot-controller-$SNAPSHOTTER_VERSION" && return
+	log "building csi-snapshotter and snapshot-controller $SNAPSHOTTER_VERSION"
+	local major=${SNAPSHOTTER_VERSION:1:1}
+	local d=$cache/src/external-snapshotter-$SNAPSHOTTER_VERSION
+	module_src "github.com/kubernetes-csi/external-snapshotter/v$major" "$SNAPSHOTTER_VERSION" "$d"
+	# Its go.mod replaces client/vN with ./client, which the module zip
+	# leaves out; the client module of the same version is that directory.
+	if [ ! -f "$d/client/go.mod" ]; then
+		rm -rf "$d/client"
+		module_src "github.com/kubernetes-csi/external-snapshotter/client/v$major" "$SNAPSHOTTER_VERSION" "$d/client"
+	fi
+	local n
+	for n in csi-snapshotter snapshot-controller; do
+		have "$n-$SNAPSHOTTER_VERSION" && continue
+		(cd "$d" && go build -trimpath -ldflags "-X main.version=$SNAPSHOTTER_VERSION" -o "$bin/$n-$SNAPSHOTTER_VERSION.tmp" "./cmd/$n")
+		mv "$bin/$n-$SNAPSHOTTER_VERSION.tmp" "$bin/$n-$SNAPSHOTTER_VERSION"
+	done
+}
+
+build_resizer() {
+	local out=csi-resizer-$RESIZER_VERSION
+	have "$out" && return
+	log "building $out"
+	local major=${RESIZER_VERSION:1:1}
+	local d=$cache/src/external-resizer-$RESIZER_VERSION
+	module_src "github.com/kubernetes-csi/external-resizer/v$major" "$RESIZER_VERSION" "$d"
+	(cd "$d" && go build -trimpath -ldflags "-X main.version=$RESIZER_VERSION" -o "$bin/$out.tmp" ./cmd/csi-resizer)
+	mv "$bin/$out.tmp" "$bin/$out"
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(etcd kube provisioner snapshotter resizer)
+for t in "${targets[@]}"; do
+	start=$SECONDS
+	"build_$t"
+	log "$t ready ($((SECONDS - start)) s)"
+done
