@@ -23,7 +23,7 @@ RUN apt-get update \
 	&& apt-get install -y --no-install-recommends util-linux mount e2fsprogs xfsprogs kmod \
 	&& rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/csi-qcow2 /usr/local/bin/csi-qcow2
-# Non-root by default: the controller-only instance next to csi-resizer runs
+# Non-root by default: the instance next to csi-resizer (no volumes) runs
 # as this user. The node plugin cannot: attaching /dev/nbdX, mounting and
 # freezing filesystems need root and privileged: true (deploy/kubernetes/node.yaml
 # sets both, overriding this).

@@ -227,8 +227,14 @@ start csi-snapshotter env NODE_NAME=$node "$bin/csi-snapshotter-$SNAPSHOTTER_VER
 start snapshot-controller "$bin/snapshot-controller-$SNAPSHOTTER_VERSION" \
 	--kubeconfig "$work/snapctl.kubeconfig" --leader-election=false \
 	--enable-distributed-snapshotting=true --v=3
+# As resizer.yaml: the resizer talks to a driver of its own with an empty
+# data dir, not to the node's.
+rsock=$work/resizer-csi/csi.sock
+start csi-qcow2-for-resizer "$work/csi-qcow2" --endpoint "unix://$rsock" \
+	--node-id "$node" --data-dir "$work/resizer-data"
+wait_for 20 "the resizer's driver socket" test -S "$rsock"
 start csi-resizer "$bin/csi-resizer-$RESIZER_VERSION" \
-	--kubeconfig "$work/resizer.kubeconfig" --csi-address "$sock" --leader-election=false --v=3
+	--kubeconfig "$work/resizer.kubeconfig" --csi-address "$rsock" --leader-election=false --v=3
 
 pvc() { # pvc NAME SIZE [DATASOURCE-YAML]
 	kubectl apply -f - <<-EOF
