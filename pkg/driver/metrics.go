@@ -81,7 +81,8 @@ func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
-// serveMetrics serves /metrics on addr until ctx is done.
+// serve listens on addr and serves /metrics there until ctx is done; a
+// listen error is returned, later serving errors are logged.
 func (m *metrics) serve(ctx context.Context, addr string) error {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
