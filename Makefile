@@ -50,7 +50,7 @@ bench-nbd:
 	hack/bench-nbd.sh
 
 # deploy/kubernetes against a real control plane and the CSI sidecars, built
-# from source and cached in hack/.cache/k8s by hack/k8s-build.sh: ~35 min of
+# from source and cached in ~/.cache/csi-qcow2/k8s (outside the clone) by hack/k8s-build.sh: ~35 min of
 # builds the first time on 2 busy cores, ~25 s once cached.
 .PHONY: e2e-k8s
 e2e-k8s:

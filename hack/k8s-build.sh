@@ -19,7 +19,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cache=${K8S_CACHE_DIR:-$repo/hack/.cache/k8s}
+cache=${K8S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/k8s}
 mkdir -p "$cache/bin" "$cache/src"
 cache=$(cd "$cache" && pwd)
 bin=$cache/bin

@@ -14,14 +14,15 @@
 # is found in the cache and nothing is downloaded.
 #
 # Environment:
-#   VM_CACHE_DIR   cache directory (default: <repo>/hack/.cache/vm)
+#   VM_CACHE_DIR   cache directory (default: ~/.cache/csi-qcow2/vm, outside the
+#                  clone so fresh clones on one machine share it)
 #   VM_KERNEL_PKG  kernel package to use (default: what linux-image-amd64
 #                  depends on; resolved once, then remembered in the cache)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-cache=${VM_CACHE_DIR:-$repo/hack/.cache/vm}
+cache=${VM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/vm}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 

@@ -25,7 +25,7 @@
 #   -h             this help
 #
 # Environment:
-#   VM_CACHE_DIR   kernel and base initramfs cache (default hack/.cache/vm)
+#   VM_CACHE_DIR   kernel and base initramfs cache (default ~/.cache/csi-qcow2/vm)
 #   VM_KERNEL_PKG  Debian kernel package (default: linux-image-amd64's dep)
 #   VM_NBD_ARGS    nbd module parameters (default: nbds_max=16)
 #   VM_APPEND      extra kernel command line (e.g. loglevel=7)
