@@ -275,19 +275,59 @@ func (img *Image) createRefcountBlocks(blocks []int64, at int64) error {
 	if err := img.sync(); err != nil {
 		return err
 	}
+	// Each table entry is written before the in-memory table uses it, as
+	// QEMU's alloc_refcount_block does: were a failed write left in
+	// memory, refcounts kept in that block would be flushed to a block
+	// the table on disk never points at, and the clusters they count
+	// would read as free (refcount 0) after a restart. For the same reason
+	// a block is hooked up only once the block counting its own cluster
+	// is (installOrder), so an error part way leaves every hooked-up
+	// block counted; the blocks left out are unused and their clusters
+	// leak.
 	var e [8]byte
-	for i, bi := range blocks {
-		off := (at + int64(i)) << img.clusterBits
-		img.rcTable[bi] = rtEntry(off)
-		img.tablesChanged()
+	img.writeGen++
+	order, err := installOrder(blocks, at, img.rbBits())
+	if err != nil {
+		return err
+	}
+	for _, i := range order {
+		bi, off := blocks[i], (at+int64(i))<<img.clusterBits
 		binary.BigEndian.PutUint64(e[:], uint64(off))
 		if err := writeFull(img.f, e[:], int64(img.h.refcountTableOffset)+bi*8); err != nil {
 			return err
 		}
+		img.rcTable[bi] = rtEntry(off)
+		img.tablesChanged()
+		img.endCluster = max(img.endCluster, at+int64(i)+1)
 	}
-	img.writeGen++
-	img.endCluster = max(img.endCluster, at+int64(len(blocks)))
 	return nil
+}
+
+// installOrder orders new refcount blocks (sorted indices, block i stored
+// at cluster at+i) so that each comes after the new block holding its own
+// refcount, if that is another new block. Clusters and indices increase
+// together, so "counted by" never loops except on a block counting itself.
+func installOrder(blocks []int64, at int64, rbBits uint) ([]int, error) {
+	pos := make(map[int64]int, len(blocks))
+	for i, bi := range blocks {
+		pos[bi] = i
+	}
+	done := make([]bool, len(blocks))
+	order := make([]int, 0, len(blocks))
+	for len(order) < len(blocks) {
+		n := len(order)
+		for i := range blocks {
+			j, ok := pos[(at+int64(i))>>rbBits]
+			if !done[i] && (!ok || j == i || done[j]) {
+				done[i] = true
+				order = append(order, i)
+			}
+		}
+		if len(order) == n { // cannot happen, see above
+			return nil, fmt.Errorf("new refcount blocks count each other: %w", ErrCorrupt)
+		}
+	}
+	return order, nil
 }
 
 // deferFree queues one reference drop for a host range, applied once the
