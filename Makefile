@@ -6,7 +6,7 @@ GO      ?= go
 BIN     := _out/csi-qcow2
 DATADIR ?= $(CURDIR)/_out/data
 
-.PHONY: build run test deps vet unit kill-rounds guest bench bench-nbd
+.PHONY: build run test deps vet unit fuzz kill-rounds guest bench bench-nbd
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/csi-qcow2
@@ -16,9 +16,10 @@ run: build
 	$(BIN) --endpoint unix://$(CURDIR)/_out/csi.sock --node-id $$(hostname) --data-dir $(DATADIR)
 
 # Everything: unit and interop tests (QEMU is the oracle, so CI=true makes
-# missing tools a failure), then the tests that need a real /dev/nbdX, in a
-# qemu guest, then deploy/kubernetes against a real control plane.
-test: deps vet unit kill-rounds guest e2e-k8s
+# missing tools a failure), every fuzz target for a few seconds, then the
+# tests that need a real /dev/nbdX, in a qemu guest, then deploy/kubernetes
+# against a real control plane.
+test: deps vet unit fuzz kill-rounds guest e2e-k8s
 
 deps:
 	hack/install-deps.sh
@@ -34,6 +35,11 @@ unit:
 # flushed write lost (hack/kill-rounds.sh; ROUNDS=N for more).
 kill-rounds:
 	hack/kill-rounds.sh
+
+# Every go test -fuzz target for FUZZTIME each (default 8s; ~1.5 min on two
+# cores); fails on any finding and prints execs per target (hack/fuzz.sh).
+fuzz:
+	hack/fuzz.sh
 
 guest:
 	hack/vm/test-nbdattach.sh
