@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"syscall"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 	"k8s.io/klog/v2"
@@ -34,13 +35,21 @@ func (d *Driver) resolveSource(cs *csi.VolumeContentSource) (source, error) {
 		if !validSnapshotID(id) {
 			return source{}, newError(errNotFound, "source snapshot %q is not a snapshot on node %s", truncate(id), d.opts.NodeID)
 		}
+		// Only a missing file is NotFound; anything else (a planted
+		// symlink, bad JSON, an I/O error) is passed up as it is.
 		s, err := d.store.readSnapshot(id)
-		if err != nil {
+		if errors.Is(err, errNotFound) {
 			return source{}, newError(errNotFound, "source snapshot %s does not exist on node %s", id, d.opts.NodeID)
 		}
-		v, err := d.store.readVolume(s.SourceVolumeID)
 		if err != nil {
+			return source{}, err
+		}
+		v, err := d.store.readVolume(s.SourceVolumeID)
+		if errors.Is(err, errNotFound) {
 			return source{}, newError(errNotFound, "volume %s of source snapshot %s does not exist", s.SourceVolumeID, id)
+		}
+		if err != nil {
+			return source{}, err
 		}
 		return source{snapshotID: id, volumeID: v.ID, params: v.Params, size: s.SizeBytes}, nil
 	case cs.GetVolume() != nil:
@@ -52,8 +61,11 @@ func (d *Driver) resolveSource(cs *csi.VolumeContentSource) (source, error) {
 			return source{}, newError(errNotFound, "source volume %q is not a volume on node %s", truncate(id), d.opts.NodeID)
 		}
 		v, err := d.store.readVolume(id)
-		if err != nil {
+		if errors.Is(err, errNotFound) {
 			return source{}, newError(errNotFound, "source volume %s does not exist on node %s", id, d.opts.NodeID)
+		}
+		if err != nil {
+			return source{}, err
 		}
 		return source{volumeID: id, params: v.Params, size: v.CapacityBytes}, nil
 	}
@@ -137,7 +149,11 @@ func (d *Driver) populate(ctx context.Context, tmp string, m *volumeMeta, src so
 }
 
 func (d *Driver) reflinkImage(tmp string, m *volumeMeta, src source) error {
-	in, err := os.Open(d.store.imagePath(src.volumeID))
+	p, err := d.store.checkImage(src.volumeID)
+	if err != nil {
+		return err
+	}
+	in, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
 	}

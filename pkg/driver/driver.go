@@ -96,7 +96,7 @@ func (d *Driver) withImage(id string, readOnly bool, fn func(img *qcow2.Image, s
 	if err := d.notHeldElsewhere(id); err != nil {
 		return err
 	}
-	img, err := qcow2.Open(d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: readOnly, Lock: true})
+	img, err := d.store.openImage(id, qcow2.OpenOptions{ReadOnly: readOnly, Lock: true})
 	if err != nil {
 		return err
 	}

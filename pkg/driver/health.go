@@ -26,7 +26,7 @@ func (d *Driver) health(id string) *csi.VolumeHealth {
 		}
 		info = sv.img.Info()
 	} else {
-		img, err := qcow2.Open(d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: true, CacheSize: 64 << 10, Lock: true})
+		img, err := d.store.openImage(id, qcow2.OpenOptions{ReadOnly: true, CacheSize: 64 << 10, Lock: true})
 		if err != nil {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "ImageOpenFailed", err.Error())
 			return h

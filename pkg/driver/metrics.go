@@ -151,7 +151,7 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 		labels := []string{id, m.Name}
 		ch <- prometheus.MustNewConstMetric(descVolumeVirtual, prometheus.GaugeValue, float64(m.CapacityBytes), labels...)
 		var st syscall.Stat_t
-		if err := syscall.Stat(c.store.imagePath(id), &st); err == nil {
+		if err := syscall.Lstat(c.store.imagePath(id), &st); err == nil {
 			ch <- prometheus.MustNewConstMetric(descVolumeAllocated, prometheus.GaugeValue, float64(st.Blocks)*512, labels...)
 		}
 		ch <- prometheus.MustNewConstMetric(descVolumeSnapshots, prometheus.GaugeValue, float64(snaps[id]), labels...)

@@ -106,7 +106,7 @@ func (d *Driver) restage(sv *stagedVolume, want stagedMeta) (*csi.NodeStageVolum
 
 // attach opens the image, serves it and attaches it to a device.
 func (d *Driver) attach(ctx context.Context, m stagedMeta) (*stagedVolume, error) {
-	img, err := qcow2.Open(d.store.imagePath(m.VolumeID), qcow2.OpenOptions{ReadOnly: m.ReadOnly, Lock: true})
+	img, err := d.store.openImage(m.VolumeID, qcow2.OpenOptions{ReadOnly: m.ReadOnly, Lock: true})
 	if err != nil {
 		return nil, err
 	}

@@ -33,7 +33,7 @@ func (d *Driver) recoverStaged(ctx context.Context) {
 }
 
 func (d *Driver) reconnect(ctx context.Context, m stagedMeta) error {
-	img, err := qcow2.Open(d.store.imagePath(m.VolumeID), qcow2.OpenOptions{ReadOnly: m.ReadOnly, Lock: true})
+	img, err := d.store.openImage(m.VolumeID, qcow2.OpenOptions{ReadOnly: m.ReadOnly, Lock: true})
 	if err != nil {
 		return err
 	}

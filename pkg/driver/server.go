@@ -46,8 +46,22 @@ func (d *Driver) Listen() (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
 	}
-	return net.Listen("unix", path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	// Connecting takes write permission on the socket, which would
+	// otherwise follow the umask (0777 under umask 0). Owner and group:
+	// the sidecars run as the driver's user, or share its group.
+	if err := os.Chmod(path, socketMode); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
 }
+
+// socketMode is the CSI socket's permission: never writable by others.
+const socketMode = 0o660
 
 // ServeOn recovers staged volumes and serves on l until ctx is done, then
 // stops gracefully.

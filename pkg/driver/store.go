@@ -6,13 +6,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
 // Layout of the data dir (all directories 0700, all files 0600):
@@ -86,11 +90,21 @@ type store struct {
 	root string
 }
 
+// newStore makes the data dir's directories. The root may be a symlink
+// (an operator's choice); the directories in it must be real ones, or
+// everything below would land wherever a planted link points.
 func newStore(root string) (*store, error) {
 	s := &store{root: root}
 	for _, d := range []string{s.dir("volumes"), s.dir("snapshots"), s.dir("staged")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("data dir: %w", err)
+		}
+		fi, err := os.Lstat(d)
+		if err != nil {
+			return nil, fmt.Errorf("data dir: %w", err)
+		}
+		if !fi.IsDir() {
+			return nil, fmt.Errorf("data dir: %s is %s, not a directory; refusing to use it", d, fileKind(fi))
 		}
 	}
 	return s, nil
@@ -123,7 +137,7 @@ func (s *store) read(kind, id string, v any) error {
 	if err != nil {
 		return err
 	}
-	b, err := os.ReadFile(p)
+	b, err := readRegularFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return newError(errNotFound, "%s %s does not exist", strings.TrimSuffix(kind, "s"), id)
 	}
@@ -185,6 +199,87 @@ func (s *store) readSnapshot(id string) (*snapshotMeta, error) {
 func (s *store) readStaged(id string) (*stagedMeta, error) {
 	var m stagedMeta
 	return &m, s.read("staged", id, &m)
+}
+
+// The files of the data dir are only ever ours: regular files, never
+// symlinks. A link planted in their place (or a FIFO, a device) is refused
+// with a clear error instead of followed, so nothing outside the data dir
+// is read, opened or written through it. Replacing a file (rename) and
+// removing one (unlink) act on the link itself, never on its target.
+
+// readRegularFile reads a file that must be a regular file, without
+// following a symlink (O_NOFOLLOW) or blocking on a FIFO (O_NONBLOCK).
+func readRegularFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, newError(errFailedPrecondition, "%s is a symlink; refusing to follow it", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, newError(errFailedPrecondition, "%s is %s, not a regular file; refusing to read it", path, fileKind(fi))
+	}
+	return io.ReadAll(io.LimitReader(f, maxMetaSize+1))
+}
+
+// fileKind names what a data dir entry is, for errors.
+func fileKind(fi fs.FileInfo) string {
+	switch t := fi.Mode().Type(); {
+	case t&fs.ModeSymlink != 0:
+		return "a symlink"
+	case t&fs.ModeDir != 0:
+		return "a directory"
+	case t&fs.ModeNamedPipe != 0:
+		return "a FIFO"
+	case t == 0:
+		return "a regular file"
+	default:
+		return "a special file (" + t.String() + ")"
+	}
+}
+
+// maxMetaSize bounds what a metadata file may hold (ours are under 1 KiB).
+const maxMetaSize = 1 << 20
+
+// checkImage returns the path of a volume's image after checking that it
+// is a regular file: not a symlink (an image is opened by path, so the
+// check is an Lstat; only someone who can write the 0700 data dir could
+// swap it in between).
+func (s *store) checkImage(id string) (string, error) {
+	p := s.imagePath(id)
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return "", err
+	}
+	if !fi.Mode().IsRegular() {
+		return "", newError(errFailedPrecondition, "volume image %s is %s, not a regular file; refusing to open it", p, fileKind(fi))
+	}
+	return p, nil
+}
+
+// openImage opens a volume's image (see checkImage). Volumes never have
+// backing files, so one named in the header is refused rather than opened.
+func (s *store) openImage(id string, opts qcow2.OpenOptions) (*qcow2.Image, error) {
+	p, err := s.checkImage(id)
+	if err != nil {
+		return nil, err
+	}
+	opts.NoBacking = true
+	img, err := qcow2.Open(p, opts)
+	if err != nil {
+		return nil, err
+	}
+	if b := img.Info().BackingFile; b != "" {
+		img.Close()
+		return nil, newError(errFailedPrecondition, "volume image %s names a backing file (%q); volumes never have one", p, b)
+	}
+	return img, nil
 }
 
 // writeFileAtomic replaces path with data: write a temporary file in the
