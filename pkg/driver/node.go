@@ -147,14 +147,11 @@ func (d *Driver) mountStaged(sv *stagedVolume, flags []string) error {
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	id, path := req.GetVolumeId(), req.GetStagingTargetPath()
-	if id == "" {
-		return nil, newError(errInvalid, "volume id is required")
+	if err := requireArgs("volume id", id, "staging target path", path); err != nil {
+		return nil, err
 	}
-	if path == "" {
-		return nil, newError(errInvalid, "staging target path is required")
-	}
-	if !validVolumeID(id) {
-		return nil, newError(errNotFound, "volume %q does not exist", truncate(id))
+	if err := volumeIDArg(id); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock(ctx, id)
 	if err != nil {
@@ -285,14 +282,11 @@ func (d *Driver) publishedElsewhere(sv *stagedVolume, target string) string {
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if id == "" {
-		return nil, newError(errInvalid, "volume id is required")
+	if err := requireArgs("volume id", id, "target path", target); err != nil {
+		return nil, err
 	}
-	if target == "" {
-		return nil, newError(errInvalid, "target path is required")
-	}
-	if !validVolumeID(id) {
-		return nil, newError(errNotFound, "volume %q does not exist", truncate(id))
+	if err := volumeIDArg(id); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock(ctx, id)
 	if err != nil {
