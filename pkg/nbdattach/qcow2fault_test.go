@@ -2,25 +2,33 @@ package nbdattach
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
 // Host faults under a served qcow2 image: the host file runs out of space
-// (ENOSPC past a size limit) or fails writes and syncs (EIO). The NBD client
-// must get an error reply for the command that hit the fault, not a dropped
+// (ENOSPC past a size limit) or fails writes (EIO). The NBD client must get
+// an error reply for the command that hit the fault, not a dropped
 // connection; the image must stay consistent (leaks allowed); and once the
 // fault clears, the same connection must work again with every write that
 // succeeded intact.
+//
+// A failed sync (EIO from fdatasync) is different: the host may have lost
+// what it covered, so every later FLUSH fails too, until the image is
+// closed and reopened (qcow2.ErrSyncFailed).
 
 // faultFile is an in-memory qcow2.File whose writes past limit fail with
 // ENOSPC, and whose writes and syncs fail with writeErr and syncErr while
@@ -32,6 +40,12 @@ type faultFile struct {
 	writeErr error
 	syncErr  error
 	faults   int // errors returned, for the test's log
+
+	// loseUnsynced makes a failed sync lose what it covered, as Linux may
+	// drop the dirty pages of a failed fdatasync: the file reverts to
+	// durable, what it held at the last good sync made while set.
+	loseUnsynced bool
+	durable      []byte
 
 	// writeFailP, if not 0, is the probability that a write fails with
 	// writeErr (drawn from rng); 0 fails every write while writeErr is set.
@@ -119,9 +133,15 @@ func (f *faultFile) Truncate(size int64) error {
 func (f *faultFile) Sync() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.syncErr != nil {
+	switch {
+	case f.syncErr != nil:
 		f.faults++
+		if f.loseUnsynced && f.durable != nil {
+			f.data = bytes.Clone(f.durable)
+		}
 		return fmt.Errorf("faultfile: sync: %w", f.syncErr)
+	case f.loseUnsynced:
+		f.durable = bytes.Clone(f.data)
 	}
 	return nil
 }
@@ -161,6 +181,7 @@ func closeAndCheck(t *testing.T, f *faultFile, img *qcow2.Image) *qcow2.Image {
 	if err := img.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
+	qemuImgCheck(t, "the file after Close", f.bytes())
 	img, err := qcow2.OpenFile(&faultFile{data: f.bytes(), limit: 1 << 40}, qcow2.OpenOptions{})
 	if err != nil {
 		t.Fatalf("reopen: %v", err)
@@ -214,16 +235,6 @@ func TestQcow2HostFaults(t *testing.T) {
 	mustEqual(t, "read on a full host file", c.readAt(0, 64<<10), model[:64<<10])
 	c.mustDo(request{Type: cmdFlush})
 
-	// Syncs fail with EIO: FLUSH and FUA writes get EIO replies; the
-	// connection stays up and the next flush after the fault syncs again.
-	f.set(func(f *faultFile) { f.syncErr = syscall.EIO })
-	write(pattern(512, 6), 4096)
-	expect("flush with a failing sync", request{Type: cmdFlush}, errnoIO)
-	expect("FUA write with a failing sync", request{Type: cmdWrite, Flags: cmdFlagFUA, Offset: 100, Length: 10, Payload: pattern(10, 7)}, errnoIO)
-	copy(model[100:], pattern(10, 7)) // the write itself landed; its flush failed
-	f.set(func(f *faultFile) { f.syncErr = nil })
-	c.mustDo(request{Type: cmdFlush})
-
 	// Writes fail with EIO, in place or allocating.
 	f.set(func(f *faultFile) { f.writeErr = syscall.EIO; f.limit = 1 << 40 })
 	expect("in-place write with EIO", request{Type: cmdWrite, Offset: 0, Length: 512, Payload: pattern(512, 8)}, errnoIO)
@@ -256,17 +267,140 @@ func TestQcow2HostFaults(t *testing.T) {
 	t.Logf("%d host faults injected", f.faults)
 }
 
+// TestQcow2SyncFaultIsSticky: a sync that fails with EIO fails the FLUSH
+// (and a FUA write) that ran it, and every FLUSH after it, even once the
+// fault clears: the host file may have lost what that sync covered, and no
+// later sync can vouch for it. Writes are still accepted. Closing fails
+// too; reopened, the file holds no corruption (qcow2.Check, qemu-img
+// check), reads as it did at the last good flush or with the writes since,
+// and a new connection's flushes succeed again.
+func TestQcow2SyncFaultIsSticky(t *testing.T) {
+	const size = 8 << 20
+	f, img := newFaultImage(t, size, 4096)
+	f.set(func(f *faultFile) { f.loseUnsynced = true })
+	c, done := connect(t, mustExport(t, img, ExportOptions{}))
+	flushed, latest := make([]byte, size), make([]byte, size)
+	write := func(p []byte, off int) {
+		t.Helper()
+		c.writeAt(p, uint64(off))
+		copy(latest[off:], p)
+	}
+	expect := func(what string, r request, want errno) {
+		t.Helper()
+		if rep := c.do(r); rep.Err != want {
+			t.Fatalf("%s: %v reply, want %v", what, rep.Err, want)
+		}
+	}
+	write(pattern(64<<10, 1), 0)
+	c.mustDo(request{Type: cmdFlush})
+	copy(flushed, latest)
+	write(pattern(8192, 2), 4096)  // in place
+	write(pattern(8192, 3), 1<<20) // allocating
+
+	f.set(func(f *faultFile) { f.syncErr = syscall.EIO })
+	expect("flush with a failing sync", request{Type: cmdFlush}, errnoIO)
+	f.set(func(f *faultFile) { f.syncErr = nil })
+	expect("flush after the fault cleared", request{Type: cmdFlush}, errnoIO)
+	fua := pattern(10, 4)
+	expect("FUA write after a failed sync", request{Type: cmdWrite, Flags: cmdFlagFUA, Offset: 100, Length: 10, Payload: fua}, errnoIO)
+	copy(latest[100:], fua) // the write itself landed; its flush failed
+	write(pattern(512, 5), 2<<20)
+	expect("flush after more writes", request{Type: cmdFlush}, errnoIO)
+	c.disconnect()
+	c.expectClosed()
+	if err := waitDone(t, done); !errors.Is(err, qcow2.ErrSyncFailed) {
+		t.Fatalf("session ended with %v, want its disconnect flush to fail with ErrSyncFailed", err)
+	}
+
+	img = reopenAfterSyncFault(t, f, img, flushed, latest)
+	c, _ = connect(t, mustExport(t, img, ExportOptions{}))
+	copy(latest, c.readAt(0, size))
+	write(pattern(8192, 6), 3<<20)
+	c.mustDo(request{Type: cmdFlush})
+	mustEqual(t, "data after reopen and a new write", c.readAt(0, size), latest)
+	c.disconnect()
+	c.expectClosed()
+	img = closeAndCheck(t, f, img)
+	got := make([]byte, size)
+	if _, err := img.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	mustEqual(t, "data after the second reopen", got, latest)
+}
+
+// reopenAfterSyncFault closes img after a failed sync, which must fail with
+// ErrSyncFailed, clears the fault and reopens the same file. The file must
+// pass qemu-img check as Close left it (leaks allowed), every byte must read
+// as at the last good flush (flushed) or as written since (latest), and
+// qcow2.Check must find no corruption and repair any leaks.
+func reopenAfterSyncFault(t *testing.T, f *faultFile, img *qcow2.Image, flushed, latest []byte) *qcow2.Image {
+	t.Helper()
+	if err := img.Close(); !errors.Is(err, qcow2.ErrSyncFailed) {
+		t.Fatalf("Close after a failed sync: %v, want ErrSyncFailed", err)
+	}
+	f.set(func(f *faultFile) { f.syncErr = nil })
+	qemuImgCheck(t, "the file Close left after a failed sync", f.bytes())
+	img, err := qcow2.OpenFile(f, qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatalf("reopen after a failed sync: %v", err)
+	}
+	t.Cleanup(func() { img.Close() })
+	got := make([]byte, len(latest))
+	if _, err := img.ReadAt(got, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	for i := range got {
+		if got[i] != flushed[i] && got[i] != latest[i] {
+			t.Fatalf("after reopen byte %d is %#x: neither %#x as flushed nor %#x as written since",
+				i, got[i], flushed[i], latest[i])
+		}
+	}
+	r, err := img.Check(qcow2.CheckOptions{Repair: qcow2.RepairLeaks})
+	if err != nil {
+		t.Fatalf("Check after reopen: %v", err)
+	}
+	if r.Corruptions != 0 || r.CheckErrors != 0 || !r.Clean() {
+		t.Fatalf("after reopen: %d corruptions, %d check errors, %d leaks after repairing %d: %q",
+			r.Corruptions, r.CheckErrors, r.Leaks, r.LeaksFixed, r.Problems)
+	}
+	return img
+}
+
+// qemuImgCheck runs qemu-img check on a copy of an image file: corruption
+// fails the test, leaks (exit status 3) do not. Without qemu-img it does
+// nothing, except under CI=true, where requireTool fails the test.
+func qemuImgCheck(t *testing.T, what string, b []byte) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil && os.Getenv("CI") != "true" {
+		return
+	}
+	path := filepath.Join(t.TempDir(), "image.qcow2")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := toolCommand(t, ctx, "qemu-img", "check", "-f", "qcow2", path).CombinedOutput()
+	var exit *exec.ExitError
+	if err != nil && !(errors.As(err, &exit) && exit.ExitCode() == 3) {
+		t.Fatalf("qemu-img check of %s: %v\n%s", what, err, out)
+	}
+}
+
 // TestQcow2RandomHostFaults sends random batches of concurrent NBD writes,
-// zeroes, trims and flushes while the host file randomly fills up, fails
-// some or all writes, or fails syncs. After a failed request its range is
-// read back: each byte must be either what it held or what was written.
-// After each flush that succeeds (faults armed or not) the file is copied, as a kill would leave
-// it, and the copy must hold no corruption and read as the model. At the
-// end the image must check clean (after repairing leaks) and match the
-// model.
+// zeroes, trims and flushes while the host file randomly fills up or fails
+// some or all writes. After a failed request its range is read back: each
+// byte must be either what it held or what was written. After each flush
+// that succeeds (faults armed or not) the file is copied, as a kill would
+// leave it, and the copy must hold no corruption and read as the model.
+//
+// Syncs fail only at the end, since a failed sync is sticky: with the
+// faults cleared and a flush made, one more batch is written, a sync fails
+// and loses what it covered, and later flushes must fail. Closed and
+// reopened, the image must check clean (after repairing leaks) and read as
+// the model at the last good flush or with the last batch's writes.
 func TestQcow2RandomHostFaults(t *testing.T) {
 	const size, cs = 4 << 20, 512 // small clusters: many L2 tables and refcount blocks
-	const lanes = 4               // requests in flight at once, one per quarter of the disk
 	seed := rand.Uint64()
 	if s, err := strconv.ParseUint(os.Getenv("FAULT_SEED"), 0, 64); err == nil {
 		seed = s // replay a failure
@@ -280,92 +414,126 @@ func TestQcow2RandomHostFaults(t *testing.T) {
 	f, img := newFaultImage(t, size, cs)
 	f.rng = rand.New(rand.NewPCG(seed, 2))
 	c, _ := connect(t, mustExport(t, img, ExportOptions{}))
-	model := make([]byte, size)
-	var ok, failed, killChecks int
+	b := &faultBatches{t: t, c: c, rng: rng, model: make([]byte, size), cs: cs}
+	killChecks := 0
 	for batch := range 150 {
 		switch k := rng.IntN(8); k {
 		case 0:
 			f.set(func(f *faultFile) { f.limit = int64(len(f.data)) + rng.Int64N(8*cs) })
 		case 1, 2:
-			f.set(func(f *faultFile) { f.limit = 1 << 40; f.writeErr, f.syncErr = nil, nil })
+			f.set(func(f *faultFile) { f.limit = 1 << 40; f.writeErr = nil })
 		case 3:
 			f.set(func(f *faultFile) { f.writeErr, f.writeFailP = syscall.EIO, []float64{0, 0.05, 0.3}[rng.IntN(3)] })
-		case 4:
-			f.set(func(f *faultFile) { f.syncErr = syscall.EIO })
 		}
 		if rng.IntN(6) == 0 {
 			if c.do(request{Type: cmdFlush}).Err == errnoOK {
 				killChecks++
-				checkKilledCopy(t, f.bytes(), model)
+				checkKilledCopy(t, f.bytes(), b.model)
 			}
 			continue
 		}
-		type lane struct {
-			r    request
-			want []byte
-			rep  <-chan clientReply
-		}
-		var ls []lane
-		for q := range lanes {
-			off := q*size/lanes + rng.IntN(size/lanes)
-			n := min(1+rng.IntN(16*cs), (q+1)*size/lanes-off)
-			r := request{Type: cmdWrite, Offset: uint64(off), Length: uint32(n)}
-			want := pattern(n, byte(batch*lanes+q))
-			switch rng.IntN(6) {
-			case 0:
-				r.Type = cmdWriteZeroes
-				want = make([]byte, n)
-			case 1:
-				r.Type = cmdTrim // reads back as zeros or as before
-				want = make([]byte, n)
-			default:
-				r.Payload = want
-			}
-			ls = append(ls, lane{r: r, want: want, rep: c.send(r)})
-		}
-		for _, l := range ls {
-			rep, err := c.wait(l.rep)
-			if err != nil {
-				t.Fatalf("batch %d: %v at %d+%d: %v", batch, l.r.Type, l.r.Offset, l.r.Length, err)
-			}
-			switch rep.Err {
-			case errnoOK:
-				ok++
-			case errnoNoSpc, errnoIO:
-				failed++
-			default:
-				t.Fatalf("batch %d: %v at %d+%d: %v reply", batch, l.r.Type, l.r.Offset, l.r.Length, rep.Err)
-			}
-			off, n := int(l.r.Offset), int(l.r.Length)
-			got := c.readAt(l.r.Offset, l.r.Length)
-			for i := range n {
-				if got[i] != model[off+i] && got[i] != l.want[i] {
-					t.Fatalf("batch %d: %v at %d+%d (%v): byte %d is %#x, neither the old %#x nor the new %#x",
-						batch, l.r.Type, off, n, rep.Err, off+i, got[i], model[off+i], l.want[i])
-				}
-				if rep.Err == errnoOK && l.r.Type != cmdTrim && got[i] != l.want[i] {
-					t.Fatalf("batch %d: %v at %d+%d succeeded but byte %d reads %#x, want %#x",
-						batch, l.r.Type, off, n, off+i, got[i], l.want[i])
-				}
-			}
-			copy(model[off:], got)
-		}
+		b.send(batch, true)
 	}
-	f.set(func(f *faultFile) { f.limit = 1 << 40; f.writeErr, f.syncErr = nil, nil })
+	f.set(func(f *faultFile) { f.limit = 1 << 40; f.writeErr = nil; f.loseUnsynced = true })
 	c.mustDo(request{Type: cmdFlush})
 	if img.Info().Corrupt {
 		t.Fatal("the faults marked the image corrupt")
 	}
+	checkKilledCopy(t, f.bytes(), b.model)
+	flushed := bytes.Clone(b.model)
+
+	f.set(func(f *faultFile) { f.syncErr = syscall.EIO })
+	b.send(150, false)
+	if rep := c.do(request{Type: cmdFlush}); rep.Err != errnoIO {
+		t.Fatalf("flush with a failing sync: %v reply, want EIO", rep.Err)
+	}
+	f.set(func(f *faultFile) { f.syncErr = nil })
+	if rep := c.do(request{Type: cmdFlush}); rep.Err != errnoIO {
+		t.Fatalf("flush after a failed sync, the fault cleared: %v reply, want EIO", rep.Err)
+	}
 	c.disconnect()
 	c.expectClosed()
-	img = closeAndCheck(t, f, img)
-	got := make([]byte, size)
-	if _, err := img.ReadAt(got, 0); err != nil && !errors.Is(err, io.EOF) {
-		t.Fatal(err)
+	img = reopenAfterSyncFault(t, f, img, flushed, b.model)
+	if err := img.Flush(); err != nil {
+		t.Fatalf("Flush after reopen: %v", err)
 	}
-	mustEqual(t, "data after reopen", got, model)
 	t.Logf("%d replies OK, %d error replies, %d host faults injected, %d killed copies checked",
-		ok, failed, f.faults, killChecks)
+		b.ok, b.failed, f.faults, killChecks)
+}
+
+// faultBatches sends batches of concurrent requests, one per quarter of the
+// disk, and keeps model up to date.
+type faultBatches struct {
+	t          *testing.T
+	c          *testClient
+	rng        *rand.Rand
+	model      []byte
+	cs         int
+	ok, failed int
+}
+
+// send sends one batch of writes, zeroes and trims and waits for the
+// replies. If verify, it reads each range back: each byte must be what it
+// held or what was written, and all of it what was written if the request
+// succeeded; the model takes what reads back. Otherwise (the host file may
+// have lost writes under the image) the model takes what was written.
+func (b *faultBatches) send(batch int, verify bool) {
+	const lanes = 4
+	t, size := b.t, len(b.model)
+	type lane struct {
+		r    request
+		want []byte
+		rep  <-chan clientReply
+	}
+	var ls []lane
+	for q := range lanes {
+		off := q*size/lanes + b.rng.IntN(size/lanes)
+		n := min(1+b.rng.IntN(16*b.cs), (q+1)*size/lanes-off)
+		r := request{Type: cmdWrite, Offset: uint64(off), Length: uint32(n)}
+		want := pattern(n, byte(batch*lanes+q))
+		switch b.rng.IntN(6) {
+		case 0:
+			r.Type = cmdWriteZeroes
+			want = make([]byte, n)
+		case 1:
+			r.Type = cmdTrim // reads back as zeros or as before
+			want = make([]byte, n)
+		default:
+			r.Payload = want
+		}
+		ls = append(ls, lane{r: r, want: want, rep: b.c.send(r)})
+	}
+	for _, l := range ls {
+		rep, err := b.c.wait(l.rep)
+		if err != nil {
+			t.Fatalf("batch %d: %v at %d+%d: %v", batch, l.r.Type, l.r.Offset, l.r.Length, err)
+		}
+		switch rep.Err {
+		case errnoOK:
+			b.ok++
+		case errnoNoSpc, errnoIO:
+			b.failed++
+		default:
+			t.Fatalf("batch %d: %v at %d+%d: %v reply", batch, l.r.Type, l.r.Offset, l.r.Length, rep.Err)
+		}
+		off, n := int(l.r.Offset), int(l.r.Length)
+		if !verify {
+			copy(b.model[off:], l.want)
+			continue
+		}
+		got := b.c.readAt(l.r.Offset, l.r.Length)
+		for i := range n {
+			if got[i] != b.model[off+i] && got[i] != l.want[i] {
+				t.Fatalf("batch %d: %v at %d+%d (%v): byte %d is %#x, neither the old %#x nor the new %#x",
+					batch, l.r.Type, off, n, rep.Err, off+i, got[i], b.model[off+i], l.want[i])
+			}
+			if rep.Err == errnoOK && l.r.Type != cmdTrim && got[i] != l.want[i] {
+				t.Fatalf("batch %d: %v at %d+%d succeeded but byte %d reads %#x, want %#x",
+					batch, l.r.Type, off, n, off+i, got[i], l.want[i])
+			}
+		}
+		copy(b.model[off:], got)
+	}
 }
 
 // checkKilledCopy opens a copy of the host file taken right after a

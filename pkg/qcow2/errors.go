@@ -36,4 +36,9 @@ var (
 	// ErrBackingOutsideRoot is returned when a backing file path resolves
 	// outside the directory the caller allowed.
 	ErrBackingOutsideRoot = errors.New("qcow2: backing file outside the allowed root")
+	// ErrSyncFailed means an fdatasync of the host file failed. It is
+	// sticky: Linux may have dropped the dirty pages that sync covered, so
+	// no later sync can vouch for them, and every later flush (and Close)
+	// fails with it, wrapping the first error, until the image is reopened.
+	ErrSyncFailed = errors.New("qcow2: a flush to the host file failed; reopen the image")
 )

@@ -180,3 +180,136 @@ func checkCopy(b, model []byte, repair bool) error {
 	}
 	return nil
 }
+
+// syncFaultFile fails every Sync with EIO while failing is set and then, as
+// Linux may after a failed fdatasync, loses what that sync covered: the
+// file reverts to what the last good Sync made durable.
+type syncFaultFile struct {
+	*memFile
+	mu      sync.Mutex
+	failing bool
+	syncs   int    // Sync calls
+	durable []byte // the contents as of the last good Sync
+}
+
+func (f *syncFaultFile) Sync() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.syncs++
+	if !f.failing {
+		f.durable = f.memFile.bytes()
+		return nil
+	}
+	f.memFile.mu.Lock()
+	f.memFile.data = bytes.Clone(f.durable)
+	f.memFile.mu.Unlock()
+	return fmt.Errorf("syncfaultfile: fdatasync: %w", syscall.EIO)
+}
+
+func (f *syncFaultFile) setFailing(v bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failing = v
+}
+
+func (f *syncFaultFile) syncCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.syncs
+}
+
+// TestSyncFailureIsSticky: once an fdatasync fails, no later one can vouch
+// for the writes it covered, so every later Flush, and Close, fails with
+// ErrSyncFailed (wrapping the EIO) without syncing again, even after the
+// fault clears; writes are still accepted. Reopened, the file holds no
+// corruption, reads as it was at the last good flush (or with the writes
+// since), and flushes work again.
+func TestSyncFailureIsSticky(t *testing.T) {
+	const size, cs = 4 << 20, 65536
+	f := &syncFaultFile{memFile: newMemFile(nil)}
+	img, err := qcow2.CreateFile(f, qcow2.CreateOptions{Size: size, ClusterSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	flushed, latest := make([]byte, size), make([]byte, size)
+	write := func(img *qcow2.Image, p []byte, off int64) {
+		t.Helper()
+		if _, err := img.WriteAt(p, off); err != nil {
+			t.Fatalf("write at %#x: %v", off, err)
+		}
+		copy(latest[off:], p)
+	}
+	wantSyncFailed := func(what string, err error) {
+		t.Helper()
+		if !errors.Is(err, qcow2.ErrSyncFailed) || !errors.Is(err, syscall.EIO) {
+			t.Fatalf("%s: %v, want ErrSyncFailed wrapping EIO", what, err)
+		}
+	}
+	write(img, bytes.Repeat([]byte{1}, 3*cs), 0)
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	copy(flushed, latest)
+	write(img, bytes.Repeat([]byte{2}, 4096), 0)  // in place
+	write(img, bytes.Repeat([]byte{3}, cs), 8*cs) // allocating
+
+	f.setFailing(true)
+	wantSyncFailed("Flush with a failing sync", img.Flush())
+	f.setFailing(false)
+	syncs := f.syncCount()
+	errs := make([]error, 4)
+	var wg sync.WaitGroup
+	for i := range errs {
+		wg.Go(func() { errs[i] = img.Flush() })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		wantSyncFailed(fmt.Sprintf("concurrent Flush %d after the fault cleared", i), err)
+	}
+	// Writes are still accepted and read back. (What the failed sync
+	// covered may read back either way: the file lost it.)
+	write(img, bytes.Repeat([]byte{4}, 4096), 4096)
+	write(img, bytes.Repeat([]byte{5}, 4096), 16*cs)
+	for _, off := range []int64{4096, 16 * cs} {
+		got := make([]byte, 4096)
+		if _, err := img.ReadAt(got, off); err != nil || !bytes.Equal(got, latest[off:off+4096]) {
+			t.Fatalf("read of a write made after the failed sync at %#x: %v, %s", off, err, firstDiff(got, latest[off:off+4096]))
+		}
+	}
+	_, err = img.CreateSnapshot("after")
+	wantSyncFailed("CreateSnapshot after the failed sync", err)
+	if n := f.syncCount(); n != syncs {
+		t.Errorf("%d fdatasyncs issued after one failed", n-syncs)
+	}
+	before := f.bytes()
+	wantSyncFailed("Close after the failed sync", img.Close())
+	if after := f.bytes(); !bytes.Equal(after, before) {
+		t.Errorf("Close wrote to the file after a failed sync: %s", firstDiff(after, before))
+	}
+
+	img, err = qcow2.OpenFile(f, qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	got := readAll(t, img)
+	for i := range got {
+		if got[i] != flushed[i] && got[i] != latest[i] {
+			t.Fatalf("after reopen byte %#x is %#x: neither the flushed %#x nor the latest %#x", i, got[i], flushed[i], latest[i])
+		}
+	}
+	r, err := img.Check(qcow2.CheckOptions{Repair: qcow2.RepairLeaks})
+	if err != nil || r.Corruptions != 0 || r.CheckErrors != 0 || !r.Clean() {
+		t.Fatalf("check after reopen: %+v, %v", r, err)
+	}
+	copy(latest, got)
+	write(img, bytes.Repeat([]byte{6}, cs), 9*cs)
+	if err := img.Flush(); err != nil {
+		t.Fatalf("Flush after reopen: %v", err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatalf("Close after reopen: %v", err)
+	}
+	if err := checkCopy(f.bytes(), latest, true); err != nil {
+		t.Fatalf("after reopen, write, flush and close: %v", err)
+	}
+}

@@ -3,7 +3,8 @@ package qcow2
 import "errors"
 
 // Flush makes every write that completed before the call durable
-// (fdatasync), then applies deferred frees.
+// (fdatasync), then applies deferred frees. Once a sync has failed, Flush
+// fails with ErrSyncFailed until the image is reopened (see sync).
 //
 // Crash order, enforced here and in orderBeforeL2Write:
 //  1. refcount blocks are written, then everything is synced: data and
@@ -35,6 +36,11 @@ func (img *Image) Flush() error {
 // returns the sequence number up to which pending reference drops are now
 // safe to apply. The caller holds mu.
 func (img *Image) persist() (uint64, error) {
+	if img.syncErr != nil {
+		// Even with nothing left to write, a flush must not report
+		// success after a failed sync (see sync).
+		return 0, img.syncErr
+	}
 	if err := img.rc.flush(); err != nil {
 		return 0, err
 	}
@@ -83,7 +89,9 @@ func (img *Image) applyFrees(upTo uint64) error {
 
 // Close flushes everything, applies all deferred frees, writes the
 // resulting refcounts, clears the dirty bit and closes the file. The image
-// is unusable afterwards, even if Close fails.
+// is unusable afterwards, even if Close fails. After a failed sync it
+// writes nothing more, closes the file and returns ErrSyncFailed: writes
+// since the last good flush may be lost, as in a crash.
 func (img *Image) Close() error {
 	if img.closed.Swap(true) {
 		return ErrClosed

@@ -66,6 +66,7 @@ var sentinels = []error{
 	qcow2.ErrNotQcow2, qcow2.ErrUnsupported, qcow2.ErrCorrupt, qcow2.ErrReadOnly,
 	qcow2.ErrClosed, qcow2.ErrInvalid, qcow2.ErrShrink, qcow2.ErrSnapshotNotFound,
 	qcow2.ErrSnapshotExists, qcow2.ErrBackingOutsideRoot, qcow2.ErrSnapshotInUse,
+	qcow2.ErrSyncFailed,
 }
 
 func wrapsSentinel(err error) bool {

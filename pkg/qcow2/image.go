@@ -66,6 +66,10 @@ type Image struct {
 	// value covered by the last completed fdatasync.
 	writeGen, syncedGen uint64
 	unsynced            atomic.Bool // any write since the last sync
+	// syncErr is the first failed sync, wrapped in ErrSyncFailed; once
+	// set, every sync returns it (see sync). Guarded by mu: every caller
+	// of sync holds mu, or owns the image alone as Open does.
+	syncErr error
 
 	corrupt bool
 	closed  atomic.Bool
@@ -265,12 +269,28 @@ func (img *Image) writeHeader() error {
 	return writeFull(img.f, buf, 0)
 }
 
-// sync makes every completed write durable.
+// sync makes every completed write durable. The caller holds mu.
+//
+// A failed sync is sticky, as in QEMU's file-posix: after fdatasync fails,
+// Linux may have marked the dirty pages clean or dropped them, so a later
+// fdatasync that succeeds says nothing about the writes the failed one
+// covered. Every later sync returns the first error instead, so Flush and
+// Close keep failing and nothing whose crash order depends on a sync (L2
+// entries, L1 entries, the clean header, deferred frees) reaches the disk.
+// Guest writes are still accepted into the page cache, as QEMU accepts
+// them: reads see them, and the guest learns from its failing FLUSH (most
+// filesystems then stop or go read-only). An allocating write that needs an
+// L2 slice written back fails, since that needs a sync. Reopening the image
+// clears the error; what is on disk then is what a crash would have left.
 func (img *Image) sync() error {
+	if img.syncErr != nil {
+		return img.syncErr
+	}
 	img.unsynced.Store(false)
 	if err := img.f.Sync(); err != nil {
 		img.unsynced.Store(true)
-		return err
+		img.syncErr = fmt.Errorf("%w: %w", ErrSyncFailed, err)
+		return img.syncErr
 	}
 	return nil
 }
