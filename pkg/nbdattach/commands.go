@@ -90,7 +90,6 @@ func (s *session) execute(req requestHeader, payload *[]byte) {
 // reply rather than a success header followed by a dropped connection.
 func (s *session) read(req requestHeader) {
 	buf := s.e.bufs.get(simpleReplySize + int(req.Length))
-	defer s.e.bufs.put(buf)
 	b := *buf
 	n, err := s.e.backend.ReadAt(b[simpleReplySize:], int64(req.Offset))
 	switch {
@@ -100,11 +99,12 @@ func (s *session) read(req requestHeader) {
 		err = io.ErrUnexpectedEOF
 	}
 	if err != nil {
+		s.e.bufs.put(buf)
 		s.replyError(req.Handle, errnoFor(err))
 		return
 	}
 	simpleReply{Magic: simpleReplyMagic, Error: errnoOK, Handle: req.Handle}.encode(b)
-	s.writeReply(b)
+	s.sendReply(pendingReply{buf: buf}) // the queue returns buf to the pool
 }
 
 func (e *Export) write(p []byte, off int64) error {

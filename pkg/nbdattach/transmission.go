@@ -17,7 +17,8 @@ const shutdownGrace = 10 * time.Second
 
 // session is one connection to an export. One goroutine (run) reads
 // requests; each request that reaches the backend runs on its own goroutine,
-// bounded by limit, and writes its reply under wmu.
+// bounded by limit, on a pool of worker goroutines, and queues its reply
+// for whichever goroutine is writing replies (replies.go).
 type session struct {
 	e     *Export
 	conn  net.Conn
@@ -26,8 +27,15 @@ type session struct {
 
 	stopping chan struct{} // closed when ctx is done
 
-	wmu  sync.Mutex
-	werr error // first reply write error; later replies are dropped
+	work    chan job // hands requests to idle workers (see submit)
+	workers int      // started so far; only the reader touches it
+
+	wmu     sync.Mutex     // guards the reply queue (replies.go)
+	pending []pendingReply // replies waiting for the writer
+	spare   []pendingReply // the last batch's array, for reuse
+	writing bool           // a goroutine is writing the queue
+	iov     [][]byte       // the writer's scratch; only the writer touches it
+	werr    error          // first reply write error; later replies are dropped
 }
 
 func newSession(e *Export, conn net.Conn) *session {
@@ -37,6 +45,7 @@ func newSession(e *Export, conn net.Conn) *session {
 		r:        bufio.NewReaderSize(conn, 64<<10),
 		limit:    newInflight(e.opts.MaxInFlight, maxInFlightBytes),
 		stopping: make(chan struct{}),
+		work:     make(chan job),
 	}
 }
 
@@ -85,6 +94,7 @@ func (s *session) transmit() error {
 		err = nil // the read was cut short by ctx (a deadline, or a close)
 	}
 	s.limit.wait()
+	close(s.work) // the workers are idle: end them
 	s.wmu.Lock()
 	if s.werr != nil {
 		// The reply stream broke first; the read error, if any, is its echo.
@@ -150,30 +160,42 @@ func (s *session) dispatch(req requestHeader) error {
 			return fmt.Errorf("nbdattach: reading %d-byte write payload: %w", req.Length, err)
 		}
 	}
-	go func() {
-		defer s.limit.release(weight)
-		s.execute(req, payload)
-	}()
+	s.submit(job{req: req, payload: payload, weight: weight})
 	return nil
 }
 
-// writeReply sends one complete reply (header, and data for a READ) in a
-// single write, so that concurrent replies never interleave.
-func (s *session) writeReply(b []byte) {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	if s.werr != nil {
-		return
-	}
-	if _, err := s.conn.Write(b); err != nil {
-		s.werr = err
-		s.conn.Close() // unblocks the reader: nothing more can be answered
-	}
+// job is a checked request on its way to a worker, holding weight bytes of
+// the in-flight budget and, for a WRITE, its payload.
+type job struct {
+	req     requestHeader
+	payload *[]byte
+	weight  int
 }
 
-// replyError sends a reply without data.
-func (s *session) replyError(handle uint64, e errno) {
-	var b [simpleReplySize]byte
-	simpleReply{Magic: simpleReplyMagic, Error: e, Handle: handle}.encode(b[:])
-	s.writeReply(b[:])
+// submit hands j to an idle worker, or starts a new one. Workers live as
+// long as the session, so the stacks they grew on the I/O path are reused
+// rather than grown again for every request. limit bounds the jobs in
+// flight; a worker that has released its slot but not yet come back for
+// more work can make the reader start one more, so the count is capped at
+// twice the limit and the reader then waits for a worker.
+func (s *session) submit(j job) {
+	select {
+	case s.work <- j:
+		return
+	default:
+	}
+	if s.workers < 2*s.limit.maxCount {
+		s.workers++
+		go s.worker(j)
+		return
+	}
+	s.work <- j
+}
+
+// worker runs j, then every job handed to it until the session ends.
+func (s *session) worker(j job) {
+	for ok := true; ok; j, ok = <-s.work {
+		s.execute(j.req, j.payload)
+		s.limit.release(j.weight)
+	}
 }
