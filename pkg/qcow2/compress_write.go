@@ -82,7 +82,6 @@ func (img *Image) writeCompressed(z []byte, off int64) error {
 	img.inflight[c] = ch
 	img.mu.Unlock()
 
-	img.unsynced.Store(true)
 	err = writeFull(img.f, z, host)
 
 	img.mu.Lock()

@@ -77,23 +77,32 @@ type Image struct {
 
 // syncTracker notes every write to the host file, so a flush after which
 // nothing was written can skip its fdatasync.
+//
+// Crash order: the note is made after the host call returns, never before.
+// sync clears it before its fdatasync, so a write that lands while a sync
+// runs is either complete before the clear (the fdatasync covers it) or
+// noted after it (the next flush syncs). Noted first, a write still in
+// flight could have its note cleared by a concurrent flush and land after
+// that flush's fdatasync, and the next flush would skip the sync that
+// covers it (TestFlushCoversWriteRacingEarlierFlush). Failed calls are
+// noted too: part of the range may have been written.
 type syncTracker struct {
 	File
 	unsynced *atomic.Bool
 }
 
 func (t syncTracker) WriteAt(p []byte, off int64) (int, error) {
-	t.unsynced.Store(true)
+	defer t.unsynced.Store(true)
 	return t.File.WriteAt(p, off)
 }
 
 func (t syncTracker) ZeroRange(off, length int64) error {
-	t.unsynced.Store(true)
+	defer t.unsynced.Store(true)
 	return t.File.ZeroRange(off, length)
 }
 
 func (t syncTracker) PunchHole(off, length int64) error {
-	t.unsynced.Store(true)
+	defer t.unsynced.Store(true)
 	return t.File.PunchHole(off, length)
 }
 

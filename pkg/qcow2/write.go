@@ -61,7 +61,6 @@ func (img *Image) writeStep(p []byte, off int64) (int64, error) {
 		<-plan.wait
 		return 0, nil
 	case plan.inPlace:
-		img.unsynced.Store(true)
 		return plan.n, writeFull(img.f, p[:plan.n], plan.host)
 	}
 	return img.allocatingWrite(p, off, plan)
