@@ -146,7 +146,7 @@ func (c *mapCmd) run(ctx context.Context, s streams, args []string) error {
 	if c.connections < 0 {
 		return usageErrorf("-c must be 0 or more, not %d", c.connections)
 	}
-	if err := setIOFlusher(); err != nil {
+	if err := nbdattach.SetIOFlusher(); err != nil {
 		fmt.Fprintf(s.stderr, "%s: note: %v; memory reclaim may deadlock on the device\n", Prog, err)
 	}
 	a, err := c.newAttacher()

@@ -105,7 +105,7 @@ func (c *serveCmd) run(ctx context.Context, s streams, args []string) error {
 	}
 	// Best effort: it matters only when a kernel client of this host
 	// (nbd-client) is connected, and then this process runs as root.
-	_ = setIOFlusher()
+	_ = nbdattach.SetIOFlusher()
 	path := args[0]
 	b, err := openBackend(path, c.format, c.readOnly)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
@@ -68,8 +69,25 @@ type nbdAttacher struct {
 
 func newNBDAttacher(opts Options) *nbdAttacher { return &nbdAttacher{opts: opts} }
 
+// kernel opens the kernel attacher on first use (recovery at start, or the
+// first stage) and then, before this process serves its first /dev/nbdX,
+// marks it PR_SET_IO_FLUSHER: memory reclaim must not wait on writeback to
+// a device that waits on this process. Without the flag (no
+// CAP_SYS_RESOURCE, or Linux before 5.6) it logs and carries on. Doing it
+// here rather than in Run spares processes that never attach, such as the
+// unprivileged one beside the resizer, a false alarm.
 func (n *nbdAttacher) kernel() (*nbdattach.Attacher, error) {
-	n.once.Do(func() { n.a, n.err = nbdattach.NewAttacher(nbdattach.AttacherOptions{}) })
+	n.once.Do(func() {
+		n.a, n.err = nbdattach.NewAttacher(nbdattach.AttacherOptions{})
+		if n.err != nil {
+			return
+		}
+		if err := nbdattach.SetIOFlusher(); err != nil {
+			klog.ErrorS(err, "Serving nbd devices without PR_SET_IO_FLUSHER; memory reclaim may deadlock on them (it needs CAP_SYS_RESOURCE and Linux 5.6)")
+			return
+		}
+		klog.V(2).InfoS("Marked the process PR_SET_IO_FLUSHER")
+	})
 	return n.a, n.err
 }
 

@@ -1,4 +1,6 @@
-package imagecli
+//go:build linux
+
+package nbdattach
 
 import (
 	"errors"
@@ -8,13 +10,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// setIOFlusher puts the process in the PR_SET_IO_FLUSHER state (Linux 5.6+):
+// SetIOFlusher puts the process in the PR_SET_IO_FLUSHER state (Linux 5.6+):
 // memory it allocates is never reclaimed by starting I/O, and its writes to
 // the host file are not throttled on the devices they are meant to clean.
-// A process that serves a block device of its own host (map, or serve with
-// a kernel client such as nbd-client) needs it: otherwise reclaim can wait
-// for dirty pages of /dev/nbdN to be written back, which waits for this
-// process, which waits for that reclaim.
+// A process that serves a block device of its own host (the CSI node
+// driver, `csi-qcow2 image map`, or `image serve` with a kernel client such
+// as nbd-client) needs it: otherwise reclaim can wait for dirty pages of
+// /dev/nbdN to be written back, which waits for this process, which waits
+// for that reclaim.
 //
 // The flag belongs to a thread and is inherited by the threads it creates.
 // The Go runtime already runs several threads, so the prctl is made on all
@@ -23,8 +26,8 @@ import (
 // so: build with CGO_ENABLED=0, as the shipped binary is.
 //
 // The kernel answers EPERM without CAP_SYS_RESOURCE and EINVAL before 5.6;
-// callers carry on without the flag and may print the error as a note.
-func setIOFlusher() error {
+// callers carry on without the flag and may report the error as a note.
+func SetIOFlusher() error {
 	_, _, errno := syscall.AllThreadsSyscall6(unix.SYS_PRCTL, unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0, 0)
 	if errno == 0 {
 		return nil

@@ -1,4 +1,6 @@
-package imagecli
+//go:build linux
+
+package nbdattach
 
 import (
 	"errors"
@@ -18,13 +20,13 @@ const pfMemallocNoIO = 0x00080000
 // CAP_SYS_RESOURCE and Linux 5.6; skips otherwise. It leaves the test
 // process flagged, which harms nothing.
 func TestSetIOFlusher(t *testing.T) {
-	err := setIOFlusher()
+	err := SetIOFlusher()
 	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EINVAL) {
 		t.Skipf("cannot set PR_SET_IO_FLUSHER here: %v", err)
 	}
 	if err != nil {
 		// A cgo build marks one thread only and says so.
-		t.Logf("setIOFlusher: %v", err)
+		t.Logf("SetIOFlusher: %v", err)
 		return
 	}
 	tasks, err := filepath.Glob("/proc/self/task/*/stat")
