@@ -279,6 +279,26 @@ func encodeRequest(handle uint64, r request) []byte {
 
 // send sends a request and returns where its reply will arrive.
 func (c *testClient) send(r request) <-chan clientReply {
+	ch, b := c.prepare(r)
+	c.write(b)
+	return ch
+}
+
+// sendAll sends the requests in one write.
+func (c *testClient) sendAll(rs []request) []<-chan clientReply {
+	var chs []<-chan clientReply
+	var all []byte
+	for _, r := range rs {
+		ch, b := c.prepare(r)
+		chs, all = append(chs, ch), append(all, b...)
+	}
+	c.write(all)
+	return chs
+}
+
+// prepare registers a request and returns where its reply will arrive and
+// its encoding.
+func (c *testClient) prepare(r request) (<-chan clientReply, []byte) {
 	ch := make(chan clientReply, 1)
 	c.mu.Lock()
 	c.nextHandle++
@@ -290,8 +310,7 @@ func (c *testClient) send(r request) <-chan clientReply {
 	}
 	c.pending[handle] = p
 	c.mu.Unlock()
-	c.write(encodeRequest(handle, r))
-	return ch
+	return ch, encodeRequest(handle, r)
 }
 
 // wait waits for a reply; it fails if the connection broke first.
@@ -416,6 +435,16 @@ func (b *testBackend) ReadAt(p []byte, off int64) (int, error) {
 		}
 	}
 	return b.MemBackend.ReadAt(p, off)
+}
+
+// TryReadAt makes the tests cover reads answered by the reader goroutine.
+// It declines while a read hook is set: the hook may block or fail, which
+// only a worker's ReadAt may do.
+func (b *testBackend) TryReadAt(p []byte, off int64) bool {
+	if r, _ := b.hooks(); r != nil {
+		return false
+	}
+	return b.MemBackend.tryReadAt(p, off)
 }
 
 func (b *testBackend) WriteAt(p []byte, off int64) (int, error) {

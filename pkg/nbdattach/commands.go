@@ -86,6 +86,30 @@ func (s *session) execute(req requestHeader, payload *[]byte) {
 	s.replyError(req.Handle, errnoFor(err))
 }
 
+// tryRead answers a READ on the reader goroutine if the backend can serve
+// it at once (TryReader), and reports whether it did. While more requests
+// are already buffered the reply is held, to go out in one write with the
+// replies to those (see holdReply).
+func (s *session) tryRead(req requestHeader) bool {
+	if s.e.try == nil || req.Length > maxTryRead {
+		return false
+	}
+	buf := s.e.bufs.get(simpleReplySize + int(req.Length))
+	b := *buf
+	if !s.e.try.TryReadAt(b[simpleReplySize:], int64(req.Offset)) {
+		s.e.bufs.put(buf)
+		return false
+	}
+	simpleReply{Magic: simpleReplyMagic, Error: errnoOK, Handle: req.Handle}.encode(b)
+	r := pendingReply{buf: buf}
+	if s.r.Buffered() >= requestHeaderSize {
+		s.holdReply(r)
+	} else {
+		s.sendReply(r)
+	}
+	return true
+}
+
 // read reads first and replies after, so that a failed read becomes an error
 // reply rather than a success header followed by a dropped connection.
 func (s *session) read(req requestHeader) {

@@ -8,6 +8,7 @@ import (
 	"math/bits"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // Backend is what an export serves. *qcow2.Image implements it.
@@ -22,6 +23,20 @@ type Backend interface {
 	WriteZeroes(off, length int64, mayUnmap bool) error // mayUnmap=false means NBD_CMD_FLAG_NO_HOLE
 	Discard(off, length int64) error
 }
+
+// TryReader is an optional Backend interface for reads that can complete
+// without waiting (say, from metadata and data already in memory). The
+// goroutine that reads a connection's requests answers such a READ itself,
+// with no hand-off to a worker and its thread wake-up; a backend that
+// reports false, having read nothing that counts, gets the READ through
+// ReadAt on a worker as usual. TryReadAt must never block on I/O.
+type TryReader interface {
+	TryReadAt(p []byte, off int64) bool
+}
+
+// maxTryRead is the largest READ offered to TryReadAt: a bigger one would
+// hold up the reading of further requests for its copy.
+const maxTryRead = 128 << 10
 
 // DefaultMaxInFlight is the number of requests one connection may have in
 // flight when ExportOptions.MaxInFlight is zero.
@@ -75,8 +90,11 @@ func (o ExportOptions) Validate() error {
 // everything (hence NBD_FLAG_CAN_MULTI_CONN).
 type Export struct {
 	backend Backend
+	try     TryReader // backend's, or nil
 	opts    ExportOptions
 	bufs    bufPool
+
+	replyWrites atomic.Int64 // socket writes of replies, each one batch
 }
 
 // NewExport returns an export of b. Serving does not start until Serve,
@@ -94,7 +112,8 @@ func NewExport(b Backend, opts ExportOptions) (*Export, error) {
 	if opts.MinBlockSize == 0 {
 		opts.MinBlockSize = 1
 	}
-	return &Export{backend: b, opts: opts}, nil
+	try, _ := b.(TryReader)
+	return &Export{backend: b, try: try, opts: opts}, nil
 }
 
 // Flags returns the transmission flags of the export, as sent to clients at

@@ -19,18 +19,37 @@ type pendingReply struct {
 	buf *[]byte // pooled, returned once written; nil for a header alone
 }
 
+// maxHeldReplies bounds the replies the reader holds back (holdReply).
+const maxHeldReplies = 32
+
 // sendReply queues a complete reply and writes the queue unless another
 // goroutine is already doing so. buf (header and data, from s.e.bufs) is
 // owned by the queue from here on.
-func (s *session) sendReply(r pendingReply) {
+func (s *session) sendReply(r pendingReply) { s.enqueue(&r, false) }
+
+// holdReply queues a reply the reader goroutine made itself (tryRead)
+// without writing it yet, while the reader has more requests in hand:
+// releaseHeld, before the reader next waits for the client, writes them
+// all at once. Only the reader calls it; a worker that writes meanwhile
+// takes held replies along.
+func (s *session) holdReply(r pendingReply) { s.enqueue(&r, true) }
+
+// releaseHeld writes the replies held by holdReply, if no writer is busy.
+func (s *session) releaseHeld() { s.enqueue(nil, false) }
+
+func (s *session) enqueue(r *pendingReply, hold bool) {
 	s.wmu.Lock()
 	if s.werr != nil {
 		s.wmu.Unlock()
-		s.putReply(r)
+		if r != nil {
+			s.putReply(*r)
+		}
 		return
 	}
-	s.pending = append(s.pending, r)
-	if s.writing {
+	if r != nil {
+		s.pending = append(s.pending, *r)
+	}
+	if s.writing || len(s.pending) == 0 || (hold && len(s.pending) < maxHeldReplies) {
 		s.wmu.Unlock()
 		return
 	}
@@ -70,6 +89,7 @@ func (s *session) writeBatch(batch []pendingReply) error {
 	}
 	s.iov = iov
 	bufs := net.Buffers(iov) // WriteTo consumes bufs, not s.iov's array
+	s.e.replyWrites.Add(1)   // before: a client may see the replies at once
 	_, err := bufs.WriteTo(s.conn)
 	clear(s.iov)
 	for _, r := range batch {

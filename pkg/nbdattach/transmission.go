@@ -90,6 +90,7 @@ func (s *session) interrupted() bool {
 // waits for the requests in flight, flushes the backend and returns.
 func (s *session) transmit() error {
 	err := s.readRequests()
+	s.releaseHeld()
 	if err != nil && s.interrupted() && !errors.Is(err, ErrProtocol) {
 		err = nil // the read was cut short by ctx (a deadline, or a close)
 	}
@@ -112,6 +113,9 @@ func (s *session) transmit() error {
 func (s *session) readRequests() error {
 	var b [requestHeaderSize]byte
 	for {
+		if s.r.Buffered() < requestHeaderSize {
+			s.releaseHeld() // before the read that may wait for the client
+		}
 		if _, err := io.ReadFull(s.r, b[:]); err != nil {
 			if err == io.EOF {
 				return nil
@@ -144,6 +148,9 @@ func (s *session) dispatch(req requestHeader) error {
 			}
 		}
 		s.replyError(req.Handle, e)
+		return nil
+	}
+	if req.Type == cmdRead && s.tryRead(req) {
 		return nil
 	}
 	weight := 0

@@ -1,6 +1,7 @@
 package nbdattach
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -507,4 +508,33 @@ func TestServeTransmission(t *testing.T) {
 		t.Fatalf("ServeTransmission: %v", err)
 	}
 	c.expectClosed()
+}
+
+// TestPipelinedReadsShareReplyWrites: reads the backend serves at once
+// (TryReader) are answered by the reader goroutine, and while more requests
+// are buffered their replies are held and written together: 64 reads sent
+// in one write get their right data in a few socket writes, not 64.
+func TestPipelinedReadsShareReplyWrites(t *testing.T) {
+	b := newTestBackend(1 << 20)
+	for i := range 64 {
+		b.MemBackend.WriteAt(bytes.Repeat([]byte{byte(i)}, 4096), int64(i)*4096)
+	}
+	e := mustExport(t, b, ExportOptions{})
+	c, _ := connect(t, e)
+	before := e.replyWrites.Load()
+	var reqs []request
+	for i := range 64 {
+		reqs = append(reqs, request{Type: cmdRead, Offset: uint64(i) * 4096, Length: 4096})
+	}
+	for i, ch := range c.sendAll(reqs) {
+		rep, err := c.wait(ch)
+		if err != nil || rep.Err != errnoOK || !bytes.Equal(rep.Data, bytes.Repeat([]byte{byte(i)}, 4096)) {
+			t.Fatalf("read %d: %v %v %x...", i, err, rep.Err, rep.Data[:min(4, len(rep.Data))])
+		}
+	}
+	if n := e.replyWrites.Load() - before; n > 64/maxHeldReplies+2 {
+		t.Errorf("64 pipelined reads answered in %d socket writes, want at most %d", n, 64/maxHeldReplies+2)
+	} else {
+		t.Logf("64 pipelined reads answered in %d socket writes", n)
+	}
 }

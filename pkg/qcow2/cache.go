@@ -29,6 +29,9 @@ type sliceCache struct {
 	beforeWriteback func() error
 	// checkWrite vets a metadata write against the overlap rules.
 	checkWrite func(off, length int64) error
+	// cachedOnly makes get fail with errNotCached instead of reading a
+	// slice from the disk (TryReadAt sets it while it holds mu).
+	cachedOnly bool
 }
 
 func newSliceCache(f File, sliceSize int64, clusterBits uint, bytes int64) *sliceCache {
@@ -48,6 +51,9 @@ func (c *sliceCache) get(off int64) (*slice, error) {
 	if s, ok := c.slices[off]; ok {
 		c.lru.MoveToFront(s.elem)
 		return s, nil
+	}
+	if c.cachedOnly {
+		return nil, errNotCached
 	}
 	if err := c.evictIfFull(); err != nil {
 		return nil, err

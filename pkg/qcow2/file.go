@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -69,6 +71,22 @@ func (f OSFile) ZeroRange(off, length int64) error {
 		return fmt.Errorf("zero range at %#x+%#x: %w", off, length, err)
 	}
 	return nil
+}
+
+// ReadAtNoWait fills p from off only if the whole range is in the page
+// cache: preadv2 with RWF_NOWAIT (Linux 4.14+) fails with EAGAIN instead of
+// waiting for the disk. Anything short of a full read reports false.
+func (f OSFile) ReadAtNoWait(p []byte, off int64) bool {
+	if len(p) == 0 || off < 0 || unsafe.Sizeof(uintptr(0)) < 8 {
+		return len(p) == 0 // 32-bit: the offset would need splitting
+	}
+	iov := unix.Iovec{Base: &p[0]}
+	iov.SetLen(len(p))
+	// On 64-bit Linux the offset is the fourth argument whole (pos_h 0).
+	n, _, errno := unix.Syscall6(unix.SYS_PREADV2, f.Fd(), uintptr(unsafe.Pointer(&iov)), 1,
+		uintptr(off), 0, unix.RWF_NOWAIT)
+	runtime.KeepAlive(p)
+	return errno == 0 && int(n) == len(p)
 }
 
 // readFull reads exactly len(p) bytes at off; bytes beyond the end of the

@@ -73,6 +73,8 @@ type Image struct {
 
 	corrupt bool
 	closed  atomic.Bool
+
+	nowait noWaitReader // the host file's page-cache-only reads, if it has them
 }
 
 // syncTracker notes every write to the host file, so a flush after which
@@ -183,6 +185,7 @@ func newImage(f File, path string, h *header, opts OpenOptions) *Image {
 		l1Dirty:  make(map[int64]bool),
 		inflight: make(map[int64]chan struct{}),
 	}
+	img.nowait, _ = f.(noWaitReader)
 	img.f = syncTracker{File: f, unsynced: &img.unsynced}
 	f = img.f
 	ss := min(img.clusterSize, metadataSliceSize)
