@@ -57,7 +57,7 @@ bench-nbd:
 
 # The driver's CreateVolume, snapshot, clone and restore times against
 # qemu-img and cp (clones on XFS loop mounts with and without reflink, as
-# root), and a served 1 TiB volume's RSS against qemu-nbd (~5 min; not part
+# root), and a served 1 TiB volume's RSS against qemu-nbd (~4 min; not part
 # of make test).
 bench-driver:
 	hack/bench-driver.sh

@@ -267,8 +267,8 @@ func fillVolume(b *testing.B, d *Driver, id string, off, n int64, seed uint64) {
 }
 
 // settle writes back every dirty page of the host (sync(2)), so that no
-// run pays for an earlier one's writeback: a loop mount's fsync only
-// reaches the page cache of its backing file.
+// run pays for an earlier one's writeback (deleted copies, other files on
+// the disk under a loop mount).
 func settle() { unix.Sync() }
 
 // canReflink reports whether dir's filesystem clones files (FICLONE).
