@@ -2,7 +2,6 @@ package qcow2_test
 
 import (
 	"bytes"
-	"fmt"
 	"slices"
 	"testing"
 
@@ -13,31 +12,22 @@ import (
 // after every operation. After each one, the file as a killed process
 // leaves it (every write it issued, synced or not) must open, check free
 // of corruption and read back exactly what was written; power cuts at any
-// point, inside WriteBack's syncs too, must still leave no corruption and
-// lose no flushed byte.
+// point, inside WriteBack's syncs too, must still leave no corruption, lose
+// no flushed byte and show no stale data (see TestPowerCut).
 func TestWriteBackSurvivesKill(t *testing.T) {
 	kills := 0
-	for _, c := range []struct {
-		cs   int
-		lazy bool
-	}{{4096, false}, {65536, false}, {65536, true}} {
-		t.Run(fmt.Sprintf("cluster=%d,lazy=%v", c.cs, c.lazy), func(t *testing.T) {
-			kills += runWriteBackKills(t, c.cs, c.lazy, scaledOps(200))
+	for _, c := range powerCutConfigs {
+		t.Run(c.String(), func(t *testing.T) {
+			kills += runWriteBackKills(t, c, scaledOps(200))
 		})
 	}
 	t.Logf("%d kill points verified", kills)
 }
 
-func runWriteBackKills(t *testing.T, cs int, lazy bool, ops int) int {
-	const size = 4 << 20
+func runWriteBackKills(t *testing.T, c powerCutConfig, ops int) int {
 	cf := newCrashFile()
-	img, err := qcow2.CreateFile(cf, qcow2.CreateOptions{Size: size, ClusterSize: cs, LazyRefcounts: lazy})
-	if err != nil {
-		t.Fatalf("CreateFile: %v", err)
-	}
-	defer img.Close()
-	r := &powerCutRun{t: t, rng: newRand(t), img: img, cs: int64(cs),
-		model: make([]byte, size), flushed: make([]byte, size), touched: make([]bool, size)}
+	r := newPowerCutRun(t, cf, c)
+	defer r.img.Close()
 	// Crash images taken inside an operation are checked against the
 	// state before it, those taken inside the WriteBack after it against
 	// the state after it: the operation completed.
@@ -48,22 +38,22 @@ func runWriteBackKills(t *testing.T, cs int, lazy bool, ops int) int {
 		}
 	}
 	for op := range ops {
-		prevFlushed, prevTouched := bytes.Clone(r.flushed), slices.Clone(r.touched)
+		prevFlushed, prevSince := r.flushed, r.since
 		r.step(op)
 		for _, crash := range inside {
-			r.verifyCrashAgainst(op, crash, prevFlushed, prevTouched)
+			r.verifyCrashAgainst(op, crash, prevFlushed, append(slices.Clip(prevSince), r.cur...))
 		}
 		inside = inside[:0]
-		if err := img.WriteBack(); err != nil {
+		if err := r.img.WriteBack(); err != nil {
 			t.Fatalf("op %d: WriteBack: %v", op, err)
 		}
 		for _, crash := range inside {
-			r.verifyCrashAgainst(op, crash, r.flushed, r.touched)
+			r.verifyCrashAgainst(op, crash, r.flushed, r.since)
 		}
 		inside = inside[:0]
 		r.verifyKill(op, cf.memFile.bytes())
 		if r.rng.IntN(2) == 0 {
-			r.verifyCrashAgainst(op, cf.crashImage(r.rng), r.flushed, r.touched)
+			r.verifyCrashAgainst(op, cf.crashImage(r.rng), r.flushed, r.since)
 		}
 	}
 	cf.onSync = nil
