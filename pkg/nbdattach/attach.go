@@ -40,6 +40,12 @@ const AnyIndex = -1
 // AttachOptions.BlockSize is zero.
 const DefaultBlockSize = 4096
 
+// kernelIOTimeout is the request timer the kernel gives an nbd device
+// without a command timeout (nbd_set_cmd_timeout with 0): what Detach puts
+// back after a Reconnect, which cannot know the value before its
+// predecessor's.
+const kernelIOTimeout = 30 * time.Second
+
 // maxConnections bounds AttachOptions.Connections (one kernel queue each).
 const maxConnections = 64
 
@@ -62,7 +68,8 @@ type AttachOptions struct {
 	Index int
 	// Connections is the number of sockets, each a kernel queue served
 	// concurrently; more than one needs FlagCanMultiConn. 0 means one per
-	// CPU (at most 8), or 1 if the server cannot multi-conn.
+	// CPU (at most 8), or 1 if the server cannot multi-conn or IOTimeout
+	// is set. See Timeout for what several connections risk.
 	Connections int
 	// BlockSize is the logical block size: a power of two from 512 to
 	// 4096 (the page size). 0 means DefaultBlockSize.
@@ -70,10 +77,33 @@ type AttachOptions struct {
 	// Timeout is how long one request may take before the kernel gives up
 	// on its connection (whole seconds; with several connections the
 	// request is retried on another). 0 means never: the kernel (5.x+)
-	// only warns every 30 s, and resends requests whose connection has
-	// been replaced by Reconfigure. A server in trouble then stalls I/O
-	// instead of failing it, which keeps filesystems from going read-only.
+	// only warns each time the request timer fires (see IOTimeout), and
+	// resends requests whose connection has been replaced by Reconfigure
+	// or Reconnect. A server in trouble then stalls I/O instead of failing
+	// it, which keeps filesystems from going read-only.
+	//
+	// With several connections the kernel gives up on a connection when a
+	// request on it outlives the request timer, Timeout 0 or not: it shuts
+	// the live socket down and resends the request on another while the
+	// server may still be carrying out the first copy, so a slow WRITE can
+	// land after its resent copy and after later writes to the same
+	// blocks. Nothing replaces that connection; once none is left, I/O
+	// fails after DeadConnTimeout. One connection with Timeout 0 is the
+	// one setting whose timer never cuts a live connection.
 	Timeout time.Duration
+	// IOTimeout is the period of the block queue's request timer
+	// (/sys/block/nbdN/queue/io_timeout, whole milliseconds, at least 1 s),
+	// set at Attach and Reconnect and put back at Detach: to what Attach
+	// found, or after a Reconnect (which finds its predecessor's) to the
+	// kernel's default, 30 s. 0 leaves the timer alone. For one connection
+	// with Timeout 0 only (Connections 0 then means 1; Validate refuses
+	// the rest, where an expiry cuts a live connection). There an expiry
+	// only logs "Possible stuck request", and resends the request if its
+	// connection has been replaced since: a short IOTimeout makes the
+	// requests a dead server held go out about IOTimeout after Reconnect
+	// instead of 30 s, and costs a slow request only that kernel message
+	// each period.
+	IOTimeout time.Duration
 	// DeadConnTimeout is how long I/O waits for Reconfigure or Reconnect
 	// once every connection is dead (netlink only; whole seconds). 0 means
 	// I/O fails as soon as the last connection dies.
@@ -97,8 +127,13 @@ func (o AttachOptions) Validate() error {
 		return fmt.Errorf("%d connections, want 0..%d: %w", o.Connections, maxConnections, ErrInvalidAttachOptions)
 	case bs != 0 && (bs < 512 || bs > 4096 || bs&(bs-1) != 0):
 		return fmt.Errorf("block size %d: %w", bs, ErrInvalidAttachOptions)
-	case o.Timeout < 0 || o.DeadConnTimeout < 0:
+	case o.Timeout < 0 || o.DeadConnTimeout < 0 || o.IOTimeout < 0:
 		return fmt.Errorf("negative timeout: %w", ErrInvalidAttachOptions)
+	case o.IOTimeout > 0 && (o.IOTimeout < time.Second || o.IOTimeout%time.Millisecond != 0):
+		return fmt.Errorf("io timeout %v: want whole milliseconds, at least 1s: %w", o.IOTimeout, ErrInvalidAttachOptions)
+	case o.IOTimeout > 0 && (o.Connections > 1 || o.Timeout > 0):
+		return fmt.Errorf("io timeout %v with %d connections and timeout %v: each expiry would shut a live connection down; it needs one connection and timeout 0: %w",
+			o.IOTimeout, o.Connections, o.Timeout, ErrInvalidAttachOptions)
 	case len(o.Identifier) > 255:
 		return fmt.Errorf("identifier of %d bytes: %w", len(o.Identifier), ErrInvalidAttachOptions)
 	}
@@ -112,7 +147,7 @@ func (o AttachOptions) withDefaults(srv Server) AttachOptions {
 	}
 	if o.Connections == 0 {
 		o.Connections = 1
-		if srv.Flags()&FlagCanMultiConn != 0 {
+		if srv.Flags()&FlagCanMultiConn != 0 && o.IOTimeout == 0 {
 			o.Connections = min(runtime.NumCPU(), 8)
 		}
 	}

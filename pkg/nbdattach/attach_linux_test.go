@@ -118,6 +118,11 @@ func TestAttachRejectsBadOptions(t *testing.T) {
 		{"block size below a sector", e, AttachOptions{BlockSize: 256}},
 		{"negative timeout", e, AttachOptions{Timeout: -time.Second}},
 		{"negative dead timeout", e, AttachOptions{DeadConnTimeout: -time.Second}},
+		{"negative io timeout", e, AttachOptions{IOTimeout: -time.Second}},
+		{"io timeout below a second", e, AttachOptions{Connections: 1, IOTimeout: 999 * time.Millisecond}},
+		{"io timeout not in milliseconds", e, AttachOptions{Connections: 1, IOTimeout: 5*time.Second + time.Microsecond}},
+		{"io timeout with several connections", e, AttachOptions{Connections: 2, IOTimeout: 5 * time.Second}},
+		{"io timeout with a command timeout", e, AttachOptions{Connections: 1, Timeout: time.Minute, IOTimeout: 5 * time.Second}},
 		{"long identifier", e, AttachOptions{Identifier: strings.Repeat("x", 256)}},
 		{"multi-conn unsupported", single, AttachOptions{Connections: 2}},
 		{"size not a block multiple", odd, AttachOptions{}},
@@ -351,4 +356,78 @@ func TestReconnectToALiveDeviceIsRejected(t *testing.T) {
 		t.Errorf("%d descriptors open before, %d after", before, after)
 	}
 	mustOK(t, k.sock(0, 0).do(cmdRead, 0, 512, nil))
+}
+
+// TestIOTimeout: Attach sets the request timer after connecting and Detach
+// puts back the one it found before disconnecting; Connections 0 means one
+// connection then.
+func TestIOTimeout(t *testing.T) {
+	k := newFakeKernel(t, InterfaceNetlink, 1)
+	k.devices[0].ioTimeout = 20 * time.Second // someone's own setting
+	e, _ := newMemExport(t, 1<<20)
+	d, err := k.attacher().Attach(attachCtx(t), e, AttachOptions{IOTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Connections() != 1 || k.device(0).ioTimeout != 5*time.Second {
+		t.Errorf("attached with %d connections, timer %v; want 1 and 5s", d.Connections(), k.device(0).ioTimeout)
+	}
+	if err := d.Detach(attachCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"connect 0", "io_timeout 0 5s", "flush 0", "io_timeout 0 20s", "disconnect 0"}
+	if got := k.callLog(); !slices.Equal(got, want) {
+		t.Errorf("calls %q, want %q", got, want)
+	}
+}
+
+func TestIOTimeoutFailureDetaches(t *testing.T) {
+	k := newFakeKernel(t, InterfaceNetlink, 1)
+	k.ioTimeoutErr = os.ErrPermission
+	e, _ := newMemExport(t, 1<<20)
+	before := openFDs(t)
+	if _, err := k.attacher().Attach(attachCtx(t), e, AttachOptions{IOTimeout: 5 * time.Second}); !errors.Is(err, os.ErrPermission) {
+		t.Errorf("Attach = %v, want the sysfs error", err)
+	}
+	if k.device(0).cfg != nil {
+		t.Errorf("the device stayed connected")
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d descriptors open before, %d after", before, after)
+	}
+}
+
+// TestIOTimeoutReconnect: Reconnect sets the timer once the kernel has
+// taken its sockets, and Detach then puts back the kernel's default.
+func TestIOTimeoutReconnect(t *testing.T) {
+	k := newFakeKernel(t, InterfaceNetlink, 1)
+	e, _ := newMemExport(t, 1<<20)
+	opts := AttachOptions{IOTimeout: 5 * time.Second, Identifier: "pvc-timer"}
+	old, err := k.attacher().Attach(attachCtx(t), e, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.mu.Lock()
+	old.stopQueues() // the process dies
+	old.mu.Unlock()
+	<-k.device(0).socks[0].dead
+
+	k.ioTimeoutErr = os.ErrPermission
+	if _, err := k.attacher().Reconnect(attachCtx(t), 0, e, opts); !errors.Is(err, os.ErrPermission) {
+		t.Fatalf("Reconnect = %v, want the sysfs error", err)
+	}
+	<-k.device(0).socks[0].dead // given back: the device waits for a server again
+	k.ioTimeoutErr = nil
+	d, err := k.attacher().Reconnect(attachCtx(t), 0, e, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Detach(attachCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"connect 0", "io_timeout 0 5s", "reconfigure 0", "io_timeout 0 5s",
+		"reconfigure 0", "io_timeout 0 5s", "flush 0", "io_timeout 0 30s", "disconnect 0"}
+	if got := k.callLog(); !slices.Equal(got, want) {
+		t.Errorf("calls %q, want %q", got, want)
+	}
 }

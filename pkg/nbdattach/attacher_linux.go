@@ -40,6 +40,9 @@ type blockDevices interface {
 	flush(ctx context.Context, index int) error
 	// sys is /sys/block.
 	sys() fs.FS
+	// setIOTimeout sets the device's block request timer
+	// (/sys/block/nbdN/queue/io_timeout, read through sys).
+	setIOTimeout(index int, d time.Duration) error
 }
 
 // Attacher attaches exports to /dev/nbdX. It holds no state about devices:
@@ -60,7 +63,7 @@ type AttacherOptions struct {
 // NewAttacher returns an Attacher using the netlink family "nbd" or, where
 // the kernel lacks it or opts say so, the ioctls.
 func NewAttacher(opts AttacherOptions) (*Attacher, error) {
-	dev := hostBlockDevices{root: os.DirFS("/sys/block")}
+	dev := hostBlockDevices{dir: "/sys/block", root: os.DirFS("/sys/block")}
 	switch opts.Interface {
 	case InterfaceIoctl:
 		return &Attacher{ctl: newIoctlControl(dev.sys()), dev: dev}, nil
@@ -111,6 +114,11 @@ func (a *Attacher) Attach(ctx context.Context, srv Server, opts AttachOptions) (
 		return nil, err
 	}
 	d.setIndex(index)
+	if err := d.setIOTimeout(true); err != nil {
+		err = errors.Join(err, a.ctl.disconnect(ctx, index))
+		d.stopQueues()
+		return nil, err
+	}
 	return d, nil
 }
 
@@ -136,6 +144,14 @@ func (a *Attacher) Reconnect(ctx context.Context, index int, srv Server, opts At
 	d := newDevice(a, srv, opts)
 	d.setIndex(index)
 	if err := d.reconnect(ctx); err != nil {
+		return nil, err
+	}
+	// Only now that the kernel has taken the sockets, and so the device
+	// is ours. Requests already queued keep the timer they started with.
+	if err := d.setIOTimeout(false); err != nil {
+		d.mu.Lock()
+		d.stopQueues() // the device waits for a server again, as before
+		d.mu.Unlock()
 		return nil, err
 	}
 	return d, nil

@@ -25,6 +25,9 @@ type Device struct {
 	queues   []*queue
 	served   []error // what ended queues that are gone
 	detached bool
+	// ioTimeoutBefore is the request timer Detach puts back, 0 if
+	// opts.IOTimeout left it alone.
+	ioTimeoutBefore time.Duration
 }
 
 func newDevice(a *Attacher, srv Server, opts AttachOptions) *Device {
@@ -67,13 +70,35 @@ func (d *Device) stopQueues() {
 	d.queues = nil
 }
 
+// setIOTimeout sets the device's request timer to opts.IOTimeout, if set,
+// and notes what Detach puts back: the timer found if found, else the
+// kernel's default.
+func (d *Device) setIOTimeout(found bool) error {
+	if d.opts.IOTimeout == 0 {
+		return nil
+	}
+	before := kernelIOTimeout
+	if found {
+		var err error
+		if before, err = sysfsIOTimeout(d.a.dev.sys(), d.Index); err != nil {
+			return err
+		}
+	}
+	if err := d.a.dev.setIOTimeout(d.Index, d.opts.IOTimeout); err != nil {
+		return err
+	}
+	d.ioTimeoutBefore = before
+	return nil
+}
+
 // Detach flushes the device (its page cache, then a FLUSH to the server),
-// disconnects it, waits for the server to finish the sockets and for the
-// device to be free. If the flush fails, a mounted device included
-// (ErrDeviceBusy), the device stays attached and the error is returned. A
-// device merely held open by some process is disconnected all the same,
-// and Detach fails with ErrDeviceBusy if it is not closed before ctx, or
-// 30 s if ctx has no deadline, runs out.
+// puts its request timer back (AttachOptions.IOTimeout), disconnects it,
+// waits for the server to finish the sockets and for the device to be
+// free. If the flush fails, a mounted device included (ErrDeviceBusy), or
+// the timer cannot be put back, the device stays attached and the error
+// is returned. A device merely held open by some process is disconnected
+// all the same, and Detach fails with ErrDeviceBusy if it is not closed
+// before ctx, or 30 s if ctx has no deadline, runs out.
 func (d *Device) Detach(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -83,7 +108,17 @@ func (d *Device) Detach(ctx context.Context) error {
 	if err := d.a.dev.flush(ctx, d.Index); err != nil {
 		return fmt.Errorf("nbdattach: flushing %s before detach: %w", d.Path, err)
 	}
+	// The timer goes back while the device is still ours: once it is
+	// free, another Attach may take it and set its own.
+	if d.ioTimeoutBefore > 0 {
+		if err := d.a.dev.setIOTimeout(d.Index, d.ioTimeoutBefore); err != nil {
+			return err
+		}
+	}
 	if err := d.a.ctl.disconnect(ctx, d.Index); err != nil {
+		if d.ioTimeoutBefore > 0 {
+			err = errors.Join(err, d.a.dev.setIOTimeout(d.Index, d.opts.IOTimeout))
+		}
 		return err
 	}
 	d.detached = true
@@ -140,7 +175,8 @@ func (d *Device) Resize(ctx context.Context, size int64) error {
 // and retires the old ones: what a server does when it restarts without
 // the device being detached. Netlink only. Best called while the device is
 // idle: requests in flight on the old sockets are resent by the kernel when
-// their timer fires (every 30 s with AttachOptions.Timeout 0), or fail.
+// their timer fires (every AttachOptions.IOTimeout, or 30 s, with Timeout
+// 0), or fail.
 func (d *Device) Reconfigure(ctx context.Context) error {
 	if d.a.ctl.iface() != InterfaceNetlink {
 		return fmt.Errorf("nbdattach: reconfiguring %s over %v: %w", d.Path, d.a.ctl.iface(), ErrNotSupported)

@@ -126,6 +126,9 @@
 // again. Reconnect does the same for a device whose server process died:
 // with AttachOptions.DeadConnTimeout set, I/O issued meanwhile waits for it
 // instead of failing, and the kernel refuses it if the Identifier differs.
+// The requests the dead server held are resent only when their timer
+// fires; AttachOptions.IOTimeout shortens that timer for one-connection
+// devices, the only ones whose live connections a timer never cuts.
 //
 // The Attacher keeps no state about devices; it reads them from the kernel
 // (NBD_CMD_STATUS, or /sys/block/nbdN/pid for the ioctls, and

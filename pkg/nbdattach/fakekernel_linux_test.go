@@ -3,6 +3,7 @@
 package nbdattach
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"testing"
 	"testing/fstest"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,6 +33,7 @@ type fakeKernel struct {
 	calls        []string
 	connectErr   error
 	flushErr     error
+	ioTimeoutErr error // setIOTimeout fails with it
 	staysOpen    bool  // the device is held open after a disconnect
 	resizeNoop   bool  // reconfigure ignores Size (an old kernel)
 	flushedBy    []int // indices flushed
@@ -38,9 +41,10 @@ type fakeKernel struct {
 }
 
 type fakeDevice struct {
-	cfg   *deviceConfig
-	socks []*fakeSock
-	open  bool
+	cfg       *deviceConfig
+	socks     []*fakeSock
+	open      bool
+	ioTimeout time.Duration // the request timer; 0 reads as the kernel's 30 s
 }
 
 var (
@@ -171,6 +175,17 @@ func (k *fakeKernel) flush(ctx context.Context, index int) error {
 	return k.flushErr
 }
 
+func (k *fakeKernel) setIOTimeout(index int, d time.Duration) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.record("io_timeout %d %v", index, d)
+	if k.ioTimeoutErr != nil {
+		return k.ioTimeoutErr
+	}
+	k.devices[index].ioTimeout = d
+	return nil
+}
+
 // sys is a snapshot of what /sys/block would show.
 func (k *fakeKernel) sys() fs.FS {
 	k.mu.Lock()
@@ -179,6 +194,8 @@ func (k *fakeKernel) sys() fs.FS {
 	for i, d := range k.devices {
 		name := fmt.Sprintf("nbd%d/", i)
 		m[name+"size"] = &fstest.MapFile{Data: []byte("0\n")}
+		timer := cmp.Or(d.ioTimeout, kernelIOTimeout)
+		m[name+sysfsIOTimeoutFile] = &fstest.MapFile{Data: fmt.Appendf(nil, "%d\n", timer.Milliseconds())}
 		if d.cfg == nil {
 			continue
 		}

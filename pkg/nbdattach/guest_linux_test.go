@@ -42,6 +42,8 @@ func TestGuest(t *testing.T) {
 			if iface == InterfaceNetlink {
 				t.Run("Reconfigure", func(t *testing.T) { guestReconfigure(t, a) })
 				t.Run("Reconnect", func(t *testing.T) { guestReconnect(t, a) })
+				t.Run("IOTimeoutSlowRequest", func(t *testing.T) { guestSlowRequest(t, a) })
+				t.Run("IOTimeoutReconnectResend", func(t *testing.T) { guestReconnectResend(t, a) })
 				t.Run("XFSGrow", func(t *testing.T) { guestXFS(t, a) })
 			} else {
 				t.Run("ReconfigureUnsupported", func(t *testing.T) { guestNoReconfigure(t, a) })

@@ -6,12 +6,20 @@ import (
 	"context"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// hostBlockDevices is blockDevices on the real node.
-type hostBlockDevices struct{ root fs.FS }
+// hostBlockDevices is blockDevices on the real node: dir is /sys/block,
+// root the same as an fs.FS.
+type hostBlockDevices struct {
+	dir  string
+	root fs.FS
+}
 
 var _ blockDevices = hostBlockDevices{}
 
@@ -37,6 +45,16 @@ func (hostBlockDevices) flush(ctx context.Context, index int) error {
 	defer unix.Close(fd)
 	if err := unix.Fsync(fd); err != nil {
 		return fmt.Errorf("fsync %s: %w", DevicePath(index), err)
+	}
+	return nil
+}
+
+// setIOTimeout writes the block queue's request timer in milliseconds.
+// The kernel applies it to requests started from then on.
+func (h hostBlockDevices) setIOTimeout(index int, d time.Duration) error {
+	name := filepath.Join(h.dir, fmt.Sprintf("nbd%d", index), sysfsIOTimeoutFile)
+	if err := os.WriteFile(name, []byte(strconv.FormatInt(d.Milliseconds(), 10)), 0); err != nil {
+		return fmt.Errorf("nbdattach: setting the request timer of nbd%d: %w", index, err)
 	}
 	return nil
 }

@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Reading nbd devices from sysfs. The functions take an fs.FS rooted at
@@ -16,6 +18,9 @@ import (
 //	                         device is started (connected)
 //	/sys/block/nbdN/size     capacity in 512-byte sectors
 //	/sys/block/nbdN/backend  NBD_ATTR_BACKEND_IDENTIFIER (netlink, 5.x+)
+//	/sys/block/nbdN/queue/io_timeout
+//	                         the block request timer in milliseconds (5.0+;
+//	                         written by hostBlockDevices.setIOTimeout)
 
 // sysfsDevices lists the nbd devices; Connected means a pid file exists.
 func sysfsDevices(sys fs.FS) ([]DeviceStatus, error) {
@@ -71,6 +76,22 @@ func sysfsSize(sys fs.FS, index int) (int64, error) {
 		return 0, fmt.Errorf("nbdattach: nbd%d/size %q: not a sector count", index, s)
 	}
 	return sectors * 512, nil
+}
+
+// sysfsIOTimeoutFile is the request timer's file under /sys/block/nbdN.
+const sysfsIOTimeoutFile = "queue/io_timeout"
+
+// sysfsIOTimeout returns the request timer of nbd device index.
+func sysfsIOTimeout(sys fs.FS, index int) (time.Duration, error) {
+	s, err := sysfsRead(sys, index, sysfsIOTimeoutFile)
+	if err != nil {
+		return 0, err
+	}
+	ms, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || ms <= 0 || ms > math.MaxInt64/int64(time.Millisecond) {
+		return 0, fmt.Errorf("nbdattach: nbd%d/%s %q: not a count of milliseconds", index, sysfsIOTimeoutFile, s)
+	}
+	return time.Duration(ms) * time.Millisecond, nil
 }
 
 // sysfsBackend returns the backend identifier, "" if the device has none.

@@ -4,6 +4,7 @@ import (
 	"slices"
 	"testing"
 	"testing/fstest"
+	"time"
 )
 
 func TestSysfs(t *testing.T) {
@@ -38,5 +39,25 @@ func TestSysfs(t *testing.T) {
 	}
 	if id, err := sysfsBackend(sys, 1); err != nil || id != "" {
 		t.Errorf("backend of a device without one: %q %v", id, err)
+	}
+}
+
+func TestSysfsIOTimeout(t *testing.T) {
+	sys := fstest.MapFS{
+		"nbd0/queue/io_timeout": {Data: []byte("30000\n")},
+		"nbd1/queue/io_timeout": {Data: []byte("5000")},
+		"nbd2/queue/io_timeout": {Data: []byte("0\n")},
+		"nbd3/queue/io_timeout": {Data: []byte("-1\n")},
+		"nbd4/queue/io_timeout": {Data: []byte("99999999999999999999\n")},
+		"nbd5/queue/io_timeout": {Data: []byte("soon\n")},
+	}
+	for _, tc := range []struct {
+		index int
+		want  time.Duration // 0: an error
+	}{{0, 30 * time.Second}, {1, 5 * time.Second}, {2, 0}, {3, 0}, {4, 0}, {5, 0}, {6, 0}} {
+		got, err := sysfsIOTimeout(sys, tc.index)
+		if got != tc.want || (err != nil) != (tc.want == 0) {
+			t.Errorf("nbd%d: %v, %v; want %v", tc.index, got, err, tc.want)
+		}
 	}
 }
