@@ -55,8 +55,23 @@ type Options struct {
 	// answers free bytes minus this.
 	CapacityReserve int64
 	// NBDConnections is the number of NBD sockets per attached device; 0
-	// means nbdattach's default (one per CPU, at most 8).
+	// means nbdattach's default (one per CPU, at most 8). The default is
+	// 1: with more, the kernel shuts a live connection down when a request
+	// on it outlives its 30 s timer and resends the request on another,
+	// while this process may still carry the first copy out (a slow write
+	// can land after newer writes to the same blocks), and nothing
+	// replaces the lost connection, so I/O fails once the last one goes
+	// (nbdattach.AttachOptions.Timeout). One connection with no command
+	// timeout is never cut while this process lives.
 	NBDConnections int
+	// NBDIOTimeout is the request timer of one-connection devices
+	// (/sys/block/nbdX/queue/io_timeout, set at stage or recovery, put
+	// back at unstage): after a restart, the requests the killed driver
+	// held are resent this long after the new one reconnects, instead of
+	// the kernel's 30 s. A slow request on a live connection only makes
+	// the kernel log "Possible stuck request" each period. 0 leaves the
+	// kernel's timer; not applied with NBDConnections other than 1.
+	NBDIOTimeout time.Duration
 	// DeadConnTimeout is how long I/O on an attached device waits for a
 	// restarted driver to reconnect before failing.
 	DeadConnTimeout time.Duration
@@ -71,6 +86,8 @@ func DefaultOptions() Options {
 		DriverName:      DefaultDriverName,
 		TopologyKey:     DefaultTopologyKey,
 		Mode:            ModeAll,
+		NBDConnections:  1,
+		NBDIOTimeout:    5 * time.Second,
 		DeadConnTimeout: 2 * time.Minute,
 	}
 }
@@ -85,7 +102,10 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar((*string)(&o.Mode), "mode", string(o.Mode), "services to serve: all, controller or node")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", o.MaxVolumes, "max volumes per node (0: the number of free /dev/nbdX)")
 	fs.Int64Var(&o.CapacityReserve, "capacity-reserve", o.CapacityReserve, "bytes of the data dir's filesystem GetCapacity keeps back")
-	fs.IntVar(&o.NBDConnections, "nbd-connections", o.NBDConnections, "NBD sockets per device (0: one per CPU, at most 8)")
+	fs.IntVar(&o.NBDConnections, "nbd-connections", o.NBDConnections,
+		"NBD sockets per device (0: one per CPU, at most 8). With more than one, a request slower than the kernel's 30 s timer gets its connection cut and is resent on another while the driver may still write it (a late write can overwrite newer data), and cut connections are not replaced")
+	fs.DurationVar(&o.NBDIOTimeout, "nbd-io-timeout", o.NBDIOTimeout,
+		"request timer of one-connection devices (queue/io_timeout): requests a killed driver held are resent this long after the restarted one reconnects; a slower request only logs a kernel warning. 0: the kernel's 30 s")
 	fs.DurationVar(&o.DeadConnTimeout, "nbd-dead-conn-timeout", o.DeadConnTimeout, "how long device I/O waits for a restarted driver")
 	fs.StringVar(&o.MetricsAddress, "metrics-address", o.MetricsAddress, "serve Prometheus metrics at http://ADDRESS/metrics, e.g. :9808 (default off)")
 }
@@ -119,8 +139,11 @@ func (o *Options) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("--mode %q: want all, controller or node", o.Mode))
 	}
-	if o.MaxVolumes < 0 || o.CapacityReserve < 0 || o.NBDConnections < 0 || o.DeadConnTimeout < 0 {
-		errs = append(errs, errors.New("--max-volumes, --capacity-reserve, --nbd-connections and --nbd-dead-conn-timeout must not be negative"))
+	if o.MaxVolumes < 0 || o.CapacityReserve < 0 || o.NBDConnections < 0 || o.DeadConnTimeout < 0 || o.NBDIOTimeout < 0 {
+		errs = append(errs, errors.New("--max-volumes, --capacity-reserve, --nbd-connections, --nbd-dead-conn-timeout and --nbd-io-timeout must not be negative"))
+	}
+	if t := o.NBDIOTimeout; t > 0 && (t < time.Second || t%time.Millisecond != 0) {
+		errs = append(errs, fmt.Errorf("--nbd-io-timeout %v: want 0, or whole milliseconds of at least 1s", t))
 	}
 	return errors.Join(errs...)
 }

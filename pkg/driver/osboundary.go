@@ -82,6 +82,10 @@ func (n *nbdAttacher) kernel() (*nbdattach.Attacher, error) {
 		if n.err != nil {
 			return
 		}
+		if c := n.opts.NBDConnections; c != 1 {
+			klog.InfoS("NBD devices may get several connections: a request slower than the kernel's 30 s timer then gets its live connection cut and is resent on another, a late write may overwrite newer data, cut connections are not replaced, and --nbd-io-timeout does not apply",
+				"nbdConnections", c)
+		}
 		if err := nbdattach.SetIOFlusher(); err != nil {
 			klog.ErrorS(err, "Serving nbd devices without PR_SET_IO_FLUSHER; memory reclaim may deadlock on them (it needs CAP_SYS_RESOURCE and Linux 5.6)")
 			return
@@ -91,14 +95,21 @@ func (n *nbdAttacher) kernel() (*nbdattach.Attacher, error) {
 	return n.a, n.err
 }
 
+// attachOptions: no command timeout (AttachOptions.Timeout 0), so a slow
+// request stalls I/O rather than failing it; the short request timer only
+// where it cannot cut a live connection, one connection per device.
 func (n *nbdAttacher) attachOptions(volumeID string, onError func(error)) nbdattach.AttachOptions {
-	return nbdattach.AttachOptions{
+	o := nbdattach.AttachOptions{
 		Index:           nbdattach.AnyIndex,
 		Connections:     n.opts.NBDConnections,
 		DeadConnTimeout: n.opts.DeadConnTimeout,
 		Identifier:      volumeID,
 		OnConnError:     onError,
 	}
+	if o.Connections == 1 {
+		o.IOTimeout = n.opts.NBDIOTimeout
+	}
+	return o
 }
 
 func (n *nbdAttacher) Attach(ctx context.Context, volumeID string, b nbdattach.Backend, onError func(error)) (Device, error) {

@@ -1,0 +1,54 @@
+package driver
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestOptionsValidateNBD(t *testing.T) {
+	tests := []struct {
+		name    string
+		edit    func(*Options)
+		wantErr string // "" for valid
+	}{
+		{"defaults", func(*Options) {}, ""},
+		{"io timeout off", func(o *Options) { o.NBDIOTimeout = 0 }, ""},
+		{"several connections", func(o *Options) { o.NBDConnections = 4 }, ""},
+		{"negative io timeout", func(o *Options) { o.NBDIOTimeout = -time.Second }, "must not be negative"},
+		{"io timeout below a second", func(o *Options) { o.NBDIOTimeout = 500 * time.Millisecond }, "--nbd-io-timeout"},
+		{"io timeout not in milliseconds", func(o *Options) { o.NBDIOTimeout = time.Second + time.Microsecond }, "--nbd-io-timeout"},
+		{"negative connections", func(o *Options) { o.NBDConnections = -1 }, "must not be negative"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o := DefaultOptions()
+			o.NodeID, o.DataDir = "n1", "/data"
+			tc.edit(&o)
+			err := o.Validate()
+			if (err == nil) != (tc.wantErr == "") || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Errorf("Validate = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestNBDAttachOptions: no command timeout ever; the short request timer
+// only for one-connection devices, where it cannot cut a live connection.
+func TestNBDAttachOptions(t *testing.T) {
+	for _, tc := range []struct {
+		conns int
+		want  time.Duration
+	}{{1, 5 * time.Second}, {0, 0}, {2, 0}} {
+		o := DefaultOptions()
+		o.NBDConnections = tc.conns
+		got := newNBDAttacher(o).attachOptions("vol-1", nil)
+		if got.IOTimeout != tc.want || got.Timeout != 0 || got.Connections != tc.conns ||
+			got.DeadConnTimeout != o.DeadConnTimeout || got.Identifier != "vol-1" {
+			t.Errorf("%d connections: %+v, want IOTimeout %v and no Timeout", tc.conns, got, tc.want)
+		}
+		if err := got.Validate(); err != nil {
+			t.Errorf("%d connections: %v", tc.conns, err)
+		}
+	}
+}
