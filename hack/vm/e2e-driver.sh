@@ -27,23 +27,26 @@
 #                        intact with the page cache dropped and from a fresh
 #                        mount after e2fsck -fn / xfs_repair -n. Prints
 #                        "restart: survived K/N kills ...; max stall X s";
-#                        a kill stalls the writers ~30 s (requests the killed
-#                        driver held wait for the kernel's 30 s timer). The
-#                        images come back to the host for qemu-img check.
+#                        a kill stalls the writers about 5 s (requests the
+#                        killed driver held wait for the request timer,
+#                        --nbd-io-timeout). The images come back to the host
+#                        for qemu-img check.
 #
-# The guest has one CPU (E2E_CPUS, default 1), so the driver attaches each
-# device with one connection. With two CPUs (two connections per device)
-# about one stage in twenty stalled 30 s under the guest's 6.1 kernel: blkid
-# (mount-utils' format check) blocked on a read of the fresh /dev/nbdX while
-# every server connection sat idle waiting for a request (goroutine dump
-# taken at the stall), until the kernel's timer fired "Connection timed out,
-# retrying (2/2 alive)", marked that connection dead and resent the read on
-# the other. The request never reached the server: a kernel-side stall with
-# several connections, not yet understood. The tests fail on that kernel
-# message, so E2E_CPUS=2 reproduces it.
+# The guest has one CPU (E2E_CPUS, default 1), and the driver attaches each
+# device with one connection (its default). E2E_DRIVER_ARGS adds driver
+# flags. With two connections per device (E2E_CPUS=2 and
+# E2E_DRIVER_ARGS=--nbd-connections=2) about one stage in twenty stalled
+# 30 s under the guest's 6.1 kernel: blkid (mount-utils' format check)
+# blocked on a read of the fresh /dev/nbdX while every server connection sat
+# idle waiting for a request (goroutine dump taken at the stall), until the
+# kernel's timer fired "Connection timed out, retrying (2/2 alive)", marked
+# that connection dead and resent the read on the other. The request never
+# reached the server: a kernel-side stall with several connections, not yet
+# understood. The tests fail on that kernel message, so those settings
+# reproduce it.
 #
-# Environment: E2E_CPUS, E2E_RESTART_ROUNDS, VM_TIMEOUT (default 400) and
-# run-guest.sh's.
+# Environment: E2E_CPUS, E2E_DRIVER_ARGS, E2E_RESTART_ROUNDS, VM_TIMEOUT
+# (default 400) and run-guest.sh's.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,6 +62,7 @@ args=("$@")
 mkdir "$work/out"
 env=(-e CSI_QCOW2_E2E_DRIVER=/opt/csi-qcow2 -e CSI_QCOW2_E2E_OUT=/work)
 [ -z "${E2E_RESTART_ROUNDS:-}" ] || env+=(-e "CSI_QCOW2_E2E_RESTART_ROUNDS=$E2E_RESTART_ROUNDS")
+[ -z "${E2E_DRIVER_ARGS:-}" ] || env+=(-e "CSI_QCOW2_E2E_DRIVER_ARGS=$E2E_DRIVER_ARGS")
 set +e
 "$here/run-guest.sh" -c "${E2E_CPUS:-1}" -t "${VM_TIMEOUT:-400}" -d "$work/out" -f "$work/csi-qcow2:/opt/csi-qcow2" \
 	"${env[@]}" "$work/driver.test" -test.v "${args[@]}"

@@ -24,7 +24,12 @@ import (
 
 // e2eDriverEnv names the csi-qcow2 binary the guest e2e runs; without it
 // the tests skip (they need root, /dev/nbdX and mkfs: hack/vm/e2e-driver.sh).
-const e2eDriverEnv = "CSI_QCOW2_E2E_DRIVER"
+// e2eDriverArgsEnv adds flags to it, separated by spaces (e.g.
+// --nbd-connections=2).
+const (
+	e2eDriverEnv     = "CSI_QCOW2_E2E_DRIVER"
+	e2eDriverArgsEnv = "CSI_QCOW2_E2E_DRIVER_ARGS"
+)
 
 // e2e is one guest run: a work dir (data dir, socket, mount points), the
 // driver process and clients to it.
@@ -71,8 +76,9 @@ func newE2E(t *testing.T) *e2e {
 // start runs the driver and connects to it.
 func (e *e2e) start() {
 	e.t.Helper()
-	e.cmd = exec.Command(e.bin, "--endpoint", "unix://"+e.sock, "--node-id", "guest", "--data-dir", e.data,
-		"--nbd-dead-conn-timeout", "60s")
+	args := []string{"--endpoint", "unix://" + e.sock, "--node-id", "guest", "--data-dir", e.data,
+		"--nbd-dead-conn-timeout", "60s"}
+	e.cmd = exec.Command(e.bin, append(args, strings.Fields(os.Getenv(e2eDriverArgsEnv))...)...)
 	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
 	_ = os.Remove(e.sock) // a killed driver leaves its socket; wait for the new one
 	if err := e.cmd.Start(); err != nil {

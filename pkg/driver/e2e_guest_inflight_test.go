@@ -32,11 +32,12 @@ const (
 	e2eOutEnv        = "CSI_QCOW2_E2E_OUT"
 )
 
-// A kill usually stalls the writers about 30 s: the requests the killed
+// A kill usually stalls the writers about 5 s: the requests the killed
 // driver had read and not answered stay with the kernel until their timer
-// (the block queue's io_timeout, 30 s) fires and it resends them on the new
+// (the block queue's io_timeout, which the driver sets to --nbd-io-timeout,
+// 5 s, instead of the kernel's 30 s) fires and it resends them on the new
 // socket; requests issued after the kill go out as soon as the new driver
-// has reconnected. Three rounds keep the test near 2 minutes.
+// has reconnected. Three rounds take well under a minute.
 const (
 	defaultRestartRounds = 3
 	resumeWait           = 90 * time.Second
