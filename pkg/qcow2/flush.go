@@ -14,6 +14,10 @@ import "errors"
 //  3. only once the L2/L1 changes that dropped references are durable do
 //     the refcounts of the dropped clusters fall (a crash leaks, never
 //     corrupts), and freed clusters are punched out before reuse.
+//
+// Between Flushes, L2 slices evicted from the cache or written by WriteBack
+// follow 1 and 2, but for what lazy refcounts make unnecessary
+// (lazylink.go).
 func (img *Image) Flush() error {
 	if err := img.checkOpen(false); err != nil || img.readOnly {
 		return err
@@ -124,6 +128,7 @@ func (img *Image) closeWritable() error {
 	if _, err := img.persist(); err != nil {
 		return err
 	}
+	img.trimExtension()
 	if img.h.incompatible&incompatDirty == 0 || img.corrupt {
 		return nil
 	}

@@ -41,8 +41,12 @@ type Image struct {
 
 	tableIndex map[int64]struct{} // see tableClusters
 
-	freeHint   int64 // no free cluster below this index
-	endCluster int64 // first cluster index past everything allocated
+	freeHint int64 // no free cluster below this index
+	// endCluster is the first cluster index past everything allocated or
+	// ever written: nothing in the file at or past it was written by this
+	// image (lazy links rely on it), so it never decreases, and it moves
+	// before metadata is written past it.
+	endCluster int64
 
 	// inflight holds guest clusters whose allocating write is under way;
 	// other writers of the same cluster wait for the channel to close.
@@ -62,9 +66,11 @@ type Image struct {
 	ctail compressedTail
 
 	// writeGen counts writes that an L2 entry may come to depend on (data
-	// of allocating writes, new tables, refcount blocks); syncedGen is the
-	// value covered by the last completed fdatasync.
+	// of allocating writes, new tables, refcount blocks; not lazy links,
+	// nor refcount blocks of a lazy-refcount image: lazylink.go);
+	// syncedGen is the value covered by the last completed fdatasync.
 	writeGen, syncedGen uint64
+	lazy                lazyLinks
 	unsynced            atomic.Bool // any write since the last sync
 	// syncErr is the first failed sync, wrapped in ErrSyncFailed; once
 	// set, every sync returns it (see sync). Guarded by mu: every caller
@@ -268,7 +274,11 @@ func (img *Image) prepareForWrite() error {
 	if err := img.writeHeader(); err != nil {
 		return err
 	}
-	return img.sync()
+	if err := img.sync(); err != nil {
+		return err
+	}
+	img.enableLazyLinks()
+	return nil
 }
 
 // writeHeader rewrites cluster 0's header, extensions and backing name in
@@ -304,6 +314,7 @@ func (img *Image) sync() error {
 		img.syncErr = fmt.Errorf("%w: %w", ErrSyncFailed, err)
 		return img.syncErr
 	}
+	img.punchesSynced()
 	return nil
 }
 

@@ -92,13 +92,17 @@ func (img *Image) markCorrupt(format string, args ...any) error {
 
 // orderBeforeL2Write runs before any L2 slice reaches the disk: refcount
 // blocks are written, and everything an L2 entry may point at (data, new
-// tables, refcounts) is synced first.
+// tables, refcounts) is synced first. On an image with lazy refcounts the
+// refcount blocks need not be durable first (a crash rebuilds them), nor
+// the data of lazy links (lazylink.go): neither counts in writeGen there.
 func (img *Image) orderBeforeL2Write() error {
 	if img.rc.hasDirty() {
 		if err := img.rc.flush(); err != nil {
 			return err
 		}
-		img.writeGen++
+		if !img.lazy.on {
+			img.writeGen++
+		}
 	}
 	if img.writeGen == img.syncedGen {
 		return nil

@@ -125,21 +125,25 @@ func TestPropertyMemFile(t *testing.T) {
 // the owned ranges comes a range every worker writes, each with its own
 // byte value.
 type concLayout struct {
-	workers int
-	own     int64 // bytes per worker
-	shared  int64
+	workers   int
+	own       int64 // bytes per worker
+	shared    int64
+	writeBack bool // WriteBack after every operation, as the driver does
 }
 
 func (l concLayout) size() int64 { return int64(l.workers)*l.own + l.shared }
 
 func TestConcurrentReadWrite(t *testing.T) {
-	for _, c := range []struct{ cs, ops int }{{4096, 600}, {65536, 400}, {2 << 20, 60}} {
+	for _, c := range []struct {
+		cs, ops int
+		lazy    bool // lazy refcounts, and WriteBack after every write
+	}{{4096, 600, false}, {65536, 400, false}, {2 << 20, 60, false}, {4096, 600, true}, {65536, 400, true}} {
 		cs := c.cs
-		t.Run(fmt.Sprintf("cluster=%d", cs), func(t *testing.T) {
-			l := concLayout{workers: 8, own: int64(cs)*5/2 + 512, shared: 3*int64(cs) + 1024}
+		t.Run(fmt.Sprintf("cluster=%d,lazy+writeback=%v", cs, c.lazy), func(t *testing.T) {
+			l := concLayout{workers: 8, own: int64(cs)*5/2 + 512, shared: 3*int64(cs) + 1024, writeBack: c.lazy}
 			size := (l.size() + 511) &^ 511
 			path := filepath.Join(t.TempDir(), "conc.qcow2")
-			img := mustCreate(t, path, qcow2.CreateOptions{Size: size, ClusterSize: cs})
+			img := mustCreate(t, path, qcow2.CreateOptions{Size: size, ClusterSize: cs, LazyRefcounts: c.lazy})
 			rng := newRand(t)
 			model := make([]byte, size)
 			written := make([][]bool, l.workers) // per worker: which shared bytes it wrote
@@ -214,6 +218,9 @@ func runConcWorker(img *qcow2.Image, l concLayout, w int, own []byte, written []
 			err = c.sharedOp(k < 16)
 		default:
 			err = img.Flush()
+		}
+		if err == nil && l.writeBack {
+			err = img.WriteBack()
 		}
 		if err != nil {
 			return fmt.Errorf("worker %d op %d (seed %#x): %w", w, op, seed, err)

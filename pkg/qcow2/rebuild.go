@@ -65,6 +65,10 @@ func (ck *checker) installRebuilt(start, tableClusters int64, blocks []int64) er
 	img := ck.img
 	cs, rb := img.clusterSize, img.rbBits()
 	end := start + tableClusters + int64(len(blocks))
+	// The new structure counts as written from now on (endCluster), and
+	// what was known about free clusters no longer holds.
+	img.endCluster = max(img.endCluster, end)
+	img.forgetZeroClusters()
 	table := make([]byte, tableClusters*cs)
 	for i, bi := range blocks {
 		boff := (start + tableClusters + int64(i)) << img.clusterBits
@@ -101,7 +105,6 @@ func (ck *checker) installRebuilt(start, tableClusters int64, blocks []int64) er
 	}
 	img.rc.clear()
 	img.tablesChanged()
-	img.endCluster = max(img.endCluster, end)
 	img.freeHint = 0
 	return nil
 }

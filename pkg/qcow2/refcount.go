@@ -70,6 +70,9 @@ func (img *Image) setRefcount(cluster int64, v uint64) error {
 	if v == 0 && cluster < img.freeHint {
 		img.freeHint = cluster
 	}
+	if v != 0 {
+		img.clusterUsed(cluster)
+	}
 	return nil
 }
 
@@ -124,22 +127,30 @@ func putRefcount(buf []byte, i int64, order uint, v uint64) {
 // allocClusters allocates n contiguous clusters and returns the host offset
 // of the first. Their refcounts are set in the cache (dirty); the caller
 // must not publish an L2/L1 entry for them before those refcounts are
-// durable, which orderBeforeL2Write enforces.
+// durable, which orderBeforeL2Write enforces (but for lazy links).
 func (img *Image) allocClusters(n int64) (int64, error) {
+	off, _, err := img.allocRun(n)
+	return off, err
+}
+
+// allocRun is allocClusters that also reports whether every cluster of the
+// run reads as zeros on disk until written (runReadsZero, lazylink.go).
+func (img *Image) allocRun(n int64) (off int64, zero bool, err error) {
 	if img.corrupt {
-		return 0, fmt.Errorf("image was found corrupt: %w", ErrCorrupt)
+		return 0, false, fmt.Errorf("image was found corrupt: %w", ErrCorrupt)
 	}
 	start, firstFree, err := img.findFree(n)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
+	zero = img.lazy.on && img.runReadsZero(start, n)
 	// New refcount blocks (or a new table) go past the run, so it stays free.
 	if err := img.ensureRefcountBlocks(start, n); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	for c := start; c < start+n; c++ {
 		if err := img.setRefcount(c, 1); err != nil {
-			return 0, err
+			return 0, false, err
 		}
 	}
 	img.freeHint = firstFree
@@ -147,7 +158,7 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 		img.freeHint = start + n
 	}
 	img.endCluster = max(img.endCluster, start+n)
-	return start << img.clusterBits, nil
+	return start << img.clusterBits, zero, nil
 }
 
 // findFree returns the first run of n free clusters at or after freeHint,
@@ -260,6 +271,8 @@ func (img *Image) createRefcountBlocks(blocks []int64, at int64) error {
 			return err
 		}
 	}
+	// The run counts as written from now on, hooked up or not (endCluster).
+	img.endCluster = max(img.endCluster, at+int64(len(blocks)))
 	for i, bi := range blocks {
 		off := (at + int64(i)) << img.clusterBits
 		if err := img.checkMetadataWrite(off, img.clusterSize); err != nil {
@@ -298,7 +311,6 @@ func (img *Image) createRefcountBlocks(blocks []int64, at int64) error {
 		}
 		img.rcTable[bi] = rtEntry(off)
 		img.tablesChanged()
-		img.endCluster = max(img.endCluster, at+int64(i)+1)
 	}
 	return nil
 }
@@ -365,8 +377,11 @@ func (img *Image) freeRange(r hostRange) error {
 			img.l2.invalidate(c << img.clusterBits)
 			img.rc.invalidate(c << img.clusterBits)
 			// Punching is advisory: a filesystem without it keeps the bytes,
-			// which only this image can ever read back.
-			_ = img.f.PunchHole(c<<img.clusterBits, img.clusterSize)
+			// which only this image can ever read back, and which a lazy
+			// link must not rely on reading as zeros (lazylink.go).
+			if img.f.PunchHole(c<<img.clusterBits, img.clusterSize) == nil {
+				img.punched(c)
+			}
 		}
 		if err := img.setRefcount(c, v-1); err != nil {
 			return err

@@ -62,6 +62,8 @@ func (img *Image) installRefcountTable(start, tableClusters int64, blockIdx []in
 		newTable[bi] = rtEntry((start + tableClusters + int64(i)) << img.clusterBits)
 		blocks[bi] = make([]byte, cs)
 	}
+	// The region counts as written from now on, used or not (endCluster).
+	img.endCluster = max(img.endCluster, start+region)
 	// Every cluster of the region gets refcount 1, in a new block or an old one.
 	for c := start; c < start+region; c++ {
 		bi := c >> img.rbBits()
@@ -101,7 +103,6 @@ func (img *Image) installRefcountTable(start, tableClusters int64, blockIdx []in
 	}
 	img.rcTable = newTable
 	img.tablesChanged()
-	img.endCluster = max(img.endCluster, start+region)
 	img.writeGen++
 	return img.freeRange(hostRange{oldOff, oldClusters * cs})
 }

@@ -71,13 +71,17 @@ func (c *rcCursor) add(cluster, delta int64) error {
 	nv := uint64(int64(v) + delta)
 	putRefcount(s.buf, idx, img.rcOrder, nv)
 	img.rc.markDirty(s)
-	if nv == 0 {
-		img.freeHint = min(img.freeHint, cluster)
-		img.l2.invalidate(cluster << img.clusterBits)
-		img.rc.invalidate(cluster << img.clusterBits)
-		c.reset()
-		// Advisory, as in freeRange.
-		_ = img.f.PunchHole(cluster<<img.clusterBits, img.clusterSize)
+	if nv != 0 {
+		img.clusterUsed(cluster)
+		return nil
+	}
+	img.freeHint = min(img.freeHint, cluster)
+	img.l2.invalidate(cluster << img.clusterBits)
+	img.rc.invalidate(cluster << img.clusterBits)
+	c.reset()
+	// Advisory, as in freeRange.
+	if img.f.PunchHole(cluster<<img.clusterBits, img.clusterSize) == nil {
+		img.punched(cluster)
 	}
 	return nil
 }

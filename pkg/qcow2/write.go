@@ -17,6 +17,7 @@ type writePlan struct {
 	inPlace bool
 	first   int64     // allocating: first guest cluster index
 	old     []l2Entry // allocating: the entries being replaced
+	lazy    bool      // allocating: a lazy link (lazylink.go)
 }
 
 // WriteAt writes p at guest offset off (io.WriterAt). Writes past the
@@ -158,14 +159,16 @@ func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error
 	if _, _, err := img.l2ForWrite(off); err != nil {
 		return writePlan{}, err
 	}
-	host, err := img.allocClusters(int64(len(plan.old)))
+	k := int64(len(plan.old))
+	host, zero, err := img.allocRun(k)
 	if err != nil {
 		return writePlan{}, err
 	}
-	if err := img.checkDataWrite(host, int64(len(plan.old))*img.clusterSize); err != nil {
+	if err := img.checkDataWrite(host, k*img.clusterSize); err != nil {
 		return writePlan{}, err
 	}
 	plan.host = host
+	plan.lazy = zero && img.canLinkLazily(plan.old) && img.coverDurably(host>>img.clusterBits+k)
 	ch := make(chan struct{})
 	for i := range plan.old {
 		img.inflight[first+int64(i)] = ch
@@ -177,7 +180,9 @@ func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error
 // of the first and last cluster in one host write, then links the clusters.
 //
 // Crash order: the data is written before the L2 entries point at it; the
-// L2 slices reach the disk only after a sync (orderBeforeL2Write).
+// L2 slices reach the disk only after a sync (orderBeforeL2Write), unless
+// the link is lazy: then the entries may reach the disk first, as the
+// clusters read as zeros where the guest had zeros (lazylink.go).
 func (img *Image) allocatingWrite(p []byte, off int64, plan writePlan) (int64, error) {
 	k := int64(len(plan.old))
 	err := img.writeWithCOW(p[:plan.n], off, plan)
@@ -243,7 +248,9 @@ func (img *Image) readsZero(e l2Entry) bool {
 // linkClusters points the L2 entries at the freshly written clusters and
 // returns how many it linked.
 func (img *Image) linkClusters(plan writePlan) (int64, error) {
-	img.writeGen++
+	if !plan.lazy {
+		img.writeGen++ // the data and refcounts are synced before the entries
+	}
 	for i, old := range plan.old {
 		g := (plan.first + int64(i)) << img.clusterBits
 		s, pos, err := img.l2ForWrite(g)

@@ -11,6 +11,13 @@ package qcow2
 // leaves no corruption. When no L2 or L1 entry is dirty (an overwrite in
 // place, a read) it writes and syncs nothing.
 //
+// Its fdatasyncs are those of the crash order: one before the L2 slices
+// when an entry depends on unsynced writes, one more before L1 entries
+// for new L2 tables. On an image with lazy refcounts a write over zero or
+// unallocated clusters (no backing file) needs none (lazylink.go); copy on
+// write after a snapshot and new L2 tables still do, as does every
+// allocating write on an image without lazy refcounts.
+//
 // Without it, an allocating write lives in the metadata cache until a
 // Flush or an eviction. That is enough for a client that dies with the
 // server, not for one that outlives it: a /dev/nbdX that a restarted
