@@ -74,8 +74,13 @@ type Image struct {
 	unsynced            atomic.Bool // any write since the last sync
 	// syncErr is the first failed sync, wrapped in ErrSyncFailed; once
 	// set, every sync returns it (see sync). Guarded by mu: every caller
-	// of sync holds mu, or owns the image alone as Open does.
-	syncErr error
+	// of sync holds mu, or owns the image alone as Open does; written
+	// with syncMu held too. syncMu serializes fdatasyncs, for the one
+	// that runs without mu (syncExtension), whose failure extensionErr
+	// holds until sync adopts it.
+	syncErr      error
+	syncMu       sync.Mutex
+	extensionErr error
 
 	corrupt bool
 	closed  atomic.Bool
@@ -306,6 +311,12 @@ func (img *Image) writeHeader() error {
 // clears the error; what is on disk then is what a crash would have left.
 func (img *Image) sync() error {
 	if img.syncErr != nil {
+		return img.syncErr
+	}
+	img.syncMu.Lock()
+	defer img.syncMu.Unlock()
+	if img.extensionErr != nil {
+		img.syncErr = img.extensionErr
 		return img.syncErr
 	}
 	img.unsynced.Store(false)

@@ -1,5 +1,7 @@
 package qcow2
 
+import "fmt"
+
 // Lazy links: allocating writes that need no fdatasync before their L2
 // entry reaches the file.
 //
@@ -23,7 +25,7 @@ package qcow2
 //  2. every new host cluster reads as zeros on disk for as long as its data
 //     has not reached the disk: it lies below durableEnd, and either nothing
 //     was ever written there (it was at or past endCluster when allocated)
-//     or it was punched out and a sync completed since (knownZero).
+//     or it was punched out and a sync completed since (lazyLinks.known).
 // A cut that keeps such an entry and loses the data then shows zeros where
 // the guest had zeros: the unflushed write is lost, which it may be. These
 // links are lazy: they do not count in writeGen. Everything else keeps the
@@ -40,20 +42,23 @@ package qcow2
 // guest offset that never held it. And an entry that survives a cut while
 // the write that extended the file past its cluster does not would point
 // past the end of the file, which check counts as corruption and the next
-// allocation could hand out again. So the file is extended (ftruncate,
-// then fdatasync) ahead of lazy allocations, by a quarter of its allocated
+// allocation could hand out again. So the file is extended ahead of lazy
+// allocations (ftruncate, then fdatasync), by a quarter of its allocated
 // size within [minExtendAhead, maxExtendAhead], and Close trims what was
-// not used.
+// not used. The fdatasync, which writes back every dirty page of the file,
+// runs on the writer that asked for the extension without mu held, while
+// other writes go on; a link whose clusters the durable length does not yet
+// cover is strict.
 //
 // This relies on the host filesystem never showing a hole's old blocks
 // after a power cut (ext4 with data=ordered, the default, XFS and btrfs
 // do not; ext4 with data=writeback may), and on fdatasync making a
 // completed ftruncate or hole punch durable.
 
-// When a lazy link needs room, the file is extended, durably, a quarter of
-// the allocated size past the allocated end, within these bounds: about 40
-// fdatasyncs while a fresh image allocates its first GiB, one per 64 MiB
-// after that.
+// Once lazy links come within half a step of the durable length, the file
+// is extended, durably, a step past the allocated end: a quarter of the
+// allocated size, within these bounds. That is a few dozen fdatasyncs
+// while a fresh image allocates its first GiB, one per 64 MiB after that.
 const (
 	minExtendAhead = 1 << 20
 	maxExtendAhead = 64 << 20
@@ -63,8 +68,9 @@ const (
 type lazyLinks struct {
 	on bool // lazy refcounts, and the dirty bit is durable
 	// durableEnd is a cluster index below which the file's length is
-	// durable.
-	durableEnd int64
+	// durable; extending is the length (in clusters) the file was extended
+	// to while a writer syncs that, 0 if none does.
+	durableEnd, extending int64
 	// known holds free clusters that were punched and synced since, and
 	// pending those punched since the last sync.
 	known, pending clusterSet
@@ -124,41 +130,70 @@ func (img *Image) runReadsZero(start, n int64) bool {
 	return true
 }
 
-// coverDurably makes the file's length durably reach cluster end, if it
-// does not yet, by extending it past the allocated end and syncing. Clusters past endCluster hold nothing, so the new range reads
-// as zeros. It reports whether the length is durable; if not, the caller
-// links strictly.
-func (img *Image) coverDurably(end int64) bool {
-	if end <= img.lazy.durableEnd {
-		return true
-	}
+// planExtension extends the file, if lazy links up to cluster end come
+// near the durable length and no extension is under way, and returns the
+// new length in clusters for the caller to sync with syncExtension and
+// report to extensionDone; 0 if there is nothing to sync. Clusters past
+// endCluster hold nothing, so the new range reads as zeros. The caller
+// holds mu, which keeps endCluster, and so what may not be cut, still.
+func (img *Image) planExtension(end int64) int64 {
 	ahead := min(max(img.endCluster/4, minExtendAhead>>img.clusterBits), maxExtendAhead>>img.clusterBits)
-	target := max(end, img.endCluster) + max(ahead, 1)
+	ahead = max(ahead, 1)
+	if img.lazy.extending != 0 || end+ahead/2 <= img.lazy.durableEnd {
+		return 0
+	}
+	target := max(end, img.endCluster, img.lazy.durableEnd) + ahead
 	size, err := img.f.Size()
 	if err != nil {
-		return false
+		return 0
 	}
-	// Never shorten: past endCluster there is nothing to keep, but a file
-	// may end past it, in the last cluster's tail or after a failed write.
+	// Never shorten: a file may end past endCluster, in the last
+	// cluster's tail or after a failed write.
 	target = max(target, (size+img.clusterSize-1)>>img.clusterBits)
-	if err := img.f.Truncate(target << img.clusterBits); err != nil {
+	if img.f.Truncate(target<<img.clusterBits) != nil {
+		return 0
+	}
+	img.lazy.extending = target
+	return target
+}
+
+// syncExtension makes an extension durable. It runs without mu, so that
+// other writes go on during the fdatasync; syncMu orders it with sync,
+// which adopts its failure (sticky, as every failed fdatasync is).
+func (img *Image) syncExtension() bool {
+	img.syncMu.Lock()
+	defer img.syncMu.Unlock()
+	if img.syncErr != nil || img.extensionErr != nil {
 		return false
 	}
-	if err := img.sync(); err != nil {
+	if err := img.f.Sync(); err != nil {
+		img.extensionErr = fmt.Errorf("%w: %w", ErrSyncFailed, err)
 		return false
 	}
-	img.lazy.durableEnd = target
 	return true
 }
 
+// extensionDone records how the extension to target went. The caller
+// holds mu.
+func (img *Image) extensionDone(target int64, ok bool) {
+	img.lazy.extending = 0
+	if ok {
+		img.lazy.durableEnd = max(img.lazy.durableEnd, target)
+	}
+}
+
+// durablyInFile reports whether clusters below end lie inside the file's
+// durable length. The caller holds mu.
+func (img *Image) durablyInFile(end int64) bool { return end <= img.lazy.durableEnd }
+
 // trimExtension shortens the file to the allocated end at Close, dropping
-// what coverDurably added and no allocation used. Best effort: the rest is
+// what planExtension added and no allocation used. Best effort: the rest is
 // a hole that nothing references.
 func (img *Image) trimExtension() {
-	end := img.endCluster << img.clusterBits
-	if !img.lazy.on || img.lazy.durableEnd <= img.endCluster {
+	if !img.lazy.on {
 		return
 	}
+	end := img.endCluster << img.clusterBits
 	if size, err := img.f.Size(); err == nil && size > end {
 		_ = img.f.Truncate(end)
 	}

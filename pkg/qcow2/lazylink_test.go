@@ -1,9 +1,12 @@
 package qcow2_test
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
 // TestLazyLinkCrashes scripts the cases lazy links must get right
@@ -164,5 +167,35 @@ func (r *powerCutRun) deleteSnapshot(name string) {
 func (r *powerCutRun) writeBack() {
 	if err := r.img.WriteBack(); err != nil {
 		r.t.Fatal(fmt.Errorf("WriteBack: %w", err))
+	}
+}
+
+// TestExtensionSyncFailureIsSticky: the fdatasync that makes a lazy
+// extension of the file durable runs outside the metadata lock, and its
+// failure is as sticky as any: the write it served links strictly, and
+// WriteBack, then every Flush, fail with ErrSyncFailed even once the fault
+// clears.
+func TestExtensionSyncFailureIsSticky(t *testing.T) {
+	const cs = 65536
+	f := &syncFaultFile{memFile: newMemFile(nil)}
+	img, err := qcow2.CreateFile(f, qcow2.CreateOptions{Size: 64 << 20, ClusterSize: cs, LazyRefcounts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	f.setFailing(true)
+	syncs := f.syncCount()
+	if _, err := img.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatalf("WriteAt: %v", err)
+	}
+	if f.syncCount() == syncs {
+		t.Fatal("the first lazy allocation did not extend the file durably")
+	}
+	f.setFailing(false)
+	if err := img.WriteBack(); !errors.Is(err, qcow2.ErrSyncFailed) {
+		t.Fatalf("WriteBack after the extension's fdatasync failed: %v, want ErrSyncFailed", err)
+	}
+	if err := img.Flush(); !errors.Is(err, qcow2.ErrSyncFailed) {
+		t.Fatalf("Flush after the extension's fdatasync failed: %v, want ErrSyncFailed", err)
 	}
 }

@@ -17,7 +17,8 @@ type writePlan struct {
 	inPlace bool
 	first   int64     // allocating: first guest cluster index
 	old     []l2Entry // allocating: the entries being replaced
-	lazy    bool      // allocating: a lazy link (lazylink.go)
+	lazy    bool      // allocating: a lazy link, if durablyInFile at link time (lazylink.go)
+	extend  int64     // allocating: the file length to sync first (planExtension)
 }
 
 // WriteAt writes p at guest offset off (io.WriterAt). Writes past the
@@ -168,7 +169,10 @@ func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error
 		return writePlan{}, err
 	}
 	plan.host = host
-	plan.lazy = zero && img.canLinkLazily(plan.old) && img.coverDurably(host>>img.clusterBits+k)
+	if zero && img.canLinkLazily(plan.old) {
+		plan.lazy = true
+		plan.extend = img.planExtension(host>>img.clusterBits + k)
+	}
 	ch := make(chan struct{})
 	for i := range plan.old {
 		img.inflight[first+int64(i)] = ch
@@ -185,10 +189,15 @@ func (img *Image) planAllocation(e l2Entry, length, off int64) (writePlan, error
 // clusters read as zeros where the guest had zeros (lazylink.go).
 func (img *Image) allocatingWrite(p []byte, off int64, plan writePlan) (int64, error) {
 	k := int64(len(plan.old))
+	extended := plan.extend != 0 && img.syncExtension()
 	err := img.writeWithCOW(p[:plan.n], off, plan)
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	defer img.releaseInflight(plan)
+	if plan.extend != 0 {
+		img.extensionDone(plan.extend, extended)
+	}
+	plan.lazy = plan.lazy && img.durablyInFile(plan.host>>img.clusterBits+k)
 	linked := int64(0)
 	if err == nil {
 		linked, err = img.linkClusters(plan)
