@@ -1,6 +1,9 @@
 package qcow2
 
-import "container/list"
+import (
+	"container/list"
+	"slices"
+)
 
 // slice is a cached metadataSliceSize-byte (or cluster-sized, if smaller)
 // piece of an L2 table or refcount block, as QEMU caches L2 slices.
@@ -23,6 +26,11 @@ type sliceCache struct {
 	lru      list.List     // front = most recently used
 	bits     uint          // cluster bits, to index clusters
 	ndirty   int
+	// dirty lists the slices marked dirty since the last flush, so that
+	// flush (after every write, with WriteBack) need not walk the whole
+	// cache. Entries written back or dropped since are skipped; a slice
+	// may appear twice.
+	dirty []*slice
 	// beforeWriteback runs before any dirty slice is written to disk. The L2
 	// cache uses it to enforce "refcounts and data durable before the L2
 	// entries that point at them".
@@ -102,10 +110,15 @@ func (c *sliceCache) evictIfFull() error {
 
 // markDirty records that s must be written back before it is dropped.
 func (c *sliceCache) markDirty(s *slice) {
-	if !s.dirty {
-		s.dirty = true
-		c.ndirty++
+	if s.dirty {
+		return
 	}
+	s.dirty = true
+	c.ndirty++
+	if len(c.dirty) >= 2*c.max { // written back by evictions, never flushed
+		c.dirty = slices.DeleteFunc(c.dirty, func(s *slice) bool { return !s.dirty })
+	}
+	c.dirty = append(c.dirty, s)
 }
 
 func (c *sliceCache) remove(s *slice) {
@@ -147,14 +160,14 @@ func (c *sliceCache) hasDirty() bool { return c.ndirty > 0 }
 
 // flush writes every dirty slice (no sync; the caller orders syncs).
 func (c *sliceCache) flush() error {
-	if c.ndirty == 0 {
-		return nil
-	}
-	for _, s := range c.slices {
+	for i, s := range c.dirty {
 		if err := c.writeback(s); err != nil {
+			c.dirty = append(c.dirty[:0], c.dirty[i:]...)
 			return err
 		}
 	}
+	clear(c.dirty)
+	c.dirty = c.dirty[:0]
 	return nil
 }
 
@@ -177,6 +190,7 @@ func (c *sliceCache) clear() {
 	c.clusters = make(map[int64]int)
 	c.lru.Init()
 	c.ndirty = 0
+	c.dirty = nil
 }
 
 // holdsCluster reports whether any slice of the given cluster is cached:
