@@ -15,10 +15,14 @@ import (
 // process), and the FLUSH that follows reaches a driver that never saw it
 // and succeeds: fsync returns 0 over lost data.
 //
-// WriteBack costs an fdatasync for writes that allocate (a cluster's first
-// write, copy on write after a snapshot), none for overwrites in place.
-// Discard is left write-back: a lost one makes the range read its old
-// data, which TRIM allows.
+// WriteBack costs no fdatasync for an overwrite in place, nor, on an image
+// with lazy refcounts (volumes get them unless the StorageClass says
+// lazyRefcounts: "false"), for a write over unallocated or zero clusters;
+// it does cost one for copy on write after a snapshot, for a new L2 table
+// (one per 512 MiB of guest space with 64 KiB clusters) and for every
+// allocating write to an image without lazy refcounts. Discard is left
+// write-back: a lost one makes the range read its old data, which TRIM
+// allows.
 type servedImage struct{ *qcow2.Image }
 
 var _ nbdattach.Backend = servedImage{}

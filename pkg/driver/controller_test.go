@@ -306,11 +306,41 @@ func TestRestoreAndClone(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				n := len(img.Snapshots())
+				n, lazy := len(img.Snapshots()), img.Info().LazyRefcounts
 				img.Close()
 				if want := map[bool]int{true: 1, false: 0}[nid == id]; n != want {
 					t.Errorf("%s has %d internal snapshots, want %d", nid, n, want)
 				}
+				if !lazy {
+					t.Errorf("%s has no lazy refcounts", nid)
+				}
+			}
+		})
+	}
+}
+
+// TestCreateVolumeLazyRefcounts: volumes get lazy refcounts unless the
+// StorageClass refuses them; the image says so.
+func TestCreateVolumeLazyRefcounts(t *testing.T) {
+	e := newTestEnv(t)
+	for _, c := range []struct {
+		name   string
+		params map[string]string
+		want   bool
+	}{
+		{"default", nil, true},
+		{"true", map[string]string{"lazyRefcounts": "true"}, true},
+		{"false", map[string]string{"lazyRefcounts": "false"}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := e.mustCreate(t, createReq("lazy-"+c.name, 1<<20, c.params))
+			img, err := qcow2.Open(e.d.store.imagePath(v.GetVolumeId()), qcow2.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer img.Close()
+			if got := img.Info().LazyRefcounts; got != c.want {
+				t.Fatalf("lazy refcounts %v, want %v", got, c.want)
 			}
 		})
 	}
