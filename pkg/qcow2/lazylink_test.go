@@ -172,9 +172,9 @@ func (r *powerCutRun) writeBack() {
 
 // TestExtensionSyncFailureIsSticky: the fdatasync that makes a lazy
 // extension of the file durable runs outside the metadata lock, and its
-// failure is as sticky as any: the write it served links strictly, and
-// WriteBack, then every Flush, fail with ErrSyncFailed even once the fault
-// clears.
+// failure is as sticky as any. A write whose clusters lie past the durable
+// length until then links strictly, so WriteBack fails with ErrSyncFailed,
+// and so does every Flush, even once the fault clears.
 func TestExtensionSyncFailureIsSticky(t *testing.T) {
 	const cs = 65536
 	f := &syncFaultFile{memFile: newMemFile(nil)}
@@ -183,13 +183,20 @@ func TestExtensionSyncFailureIsSticky(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer img.Close()
+	// The L2 table exists, the file was extended by 1 MiB past its end.
+	if _, err := img.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	f.setFailing(true)
 	syncs := f.syncCount()
-	if _, err := img.WriteAt([]byte{1}, 0); err != nil {
+	if _, err := img.WriteAt(make([]byte, 2<<20), 4<<20); err != nil { // 2 MiB of new clusters
 		t.Fatalf("WriteAt: %v", err)
 	}
 	if f.syncCount() == syncs {
-		t.Fatal("the first lazy allocation did not extend the file durably")
+		t.Fatal("2 MiB of new clusters did not extend the file")
 	}
 	f.setFailing(false)
 	if err := img.WriteBack(); !errors.Is(err, qcow2.ErrSyncFailed) {
