@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
@@ -18,7 +20,10 @@ func newQcow2(t *testing.T, path string, opts qcow2.CreateOptions, writes map[in
 	if err != nil {
 		t.Fatalf("create %s: %v", path, err)
 	}
-	for off, p := range writes {
+	// In offset order: the host layout (and so check's fragmentation
+	// count) must not depend on map iteration order.
+	for _, off := range slices.Sorted(maps.Keys(writes)) {
+		p := writes[off]
 		if _, err := img.WriteAt(p, off); err != nil {
 			t.Fatalf("write %s at %d: %v", path, off, err)
 		}
