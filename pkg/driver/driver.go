@@ -113,6 +113,25 @@ func (d *Driver) topology() *csi.Topology {
 }
 
 // lock marks the given ids busy for the length of an RPC.
+// lockVolume checks a volume id, takes its lock and reads its metadata:
+// the preamble of the node RPCs that act on an existing volume. On success
+// the caller runs unlock; on error nothing is held.
+func (d *Driver) lockVolume(ctx context.Context, id string) (*volumeMeta, func(), error) {
+	if err := volumeIDArg(id); err != nil {
+		return nil, nil, err
+	}
+	unlock, err := d.lock(ctx, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := d.store.readVolume(id)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return m, unlock, nil
+}
+
 func (d *Driver) lock(ctx context.Context, keys ...string) (func(), error) {
 	_ = ctx
 	return d.locks.acquire(keys...)

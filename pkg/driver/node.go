@@ -49,18 +49,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := validateOneCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	if err := volumeIDArg(id); err != nil {
-		return nil, err
-	}
-	unlock, err := d.lock(ctx, id)
+	vol, unlock, err := d.lockVolume(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	vol, err := d.store.readVolume(id)
-	if err != nil {
-		return nil, err
-	}
 	c := req.GetVolumeCapability()
 	want := stagedMeta{VolumeID: id, StagingPath: path, Block: c.GetBlock() != nil, FSType: vol.Params.FSType,
 		ReadOnly: c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}
@@ -215,17 +208,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := validateOneCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	if err := volumeIDArg(id); err != nil {
-		return nil, err
-	}
-	unlock, err := d.lock(ctx, id)
+	_, unlock, err := d.lockVolume(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if _, err := d.store.readVolume(id); err != nil {
-		return nil, err
-	}
 	sv := d.stagedVolume(id)
 	if sv == nil {
 		return nil, newError(errFailedPrecondition, "volume %s is not staged on this node", id)

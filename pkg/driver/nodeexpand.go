@@ -62,18 +62,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
-	if err := volumeIDArg(id); err != nil {
-		return nil, err
-	}
-	unlock, err := d.lock(ctx, id)
+	m, unlock, err := d.lockVolume(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	m, err := d.store.readVolume(id)
-	if err != nil {
-		return nil, err
-	}
 	size, err := roundCapacity(req.GetCapacityRange(), m.CapacityBytes)
 	if err != nil {
 		return nil, err
