@@ -174,18 +174,21 @@ func blobOf(t *testing.T, files map[string][]byte, d descriptor) []byte {
 	return b
 }
 
-func buildFixture(t *testing.T, out string, layers ...string) {
+// buildFixture builds the two layers and returns what the writer logged.
+func buildFixture(t *testing.T, out string, layers ...string) string {
 	t.Helper()
+	var log bytes.Buffer
 	code := run([]string{
 		"-o", out, "-name", "registry.example.com/team/app:v1.2",
 		"-layer", layers[0], "-layer", layers[1],
 		"-entrypoint", `["/bin/tool","serve"]`, "-cmd", `["--help"]`,
 		"-env", "PATH=/usr/bin:/bin", "-env", "A=b=c",
 		"-user", "65532:65532", "-workdir", "/work", "-epoch", "86400",
-	}, "", io.Discard)
+	}, "", &log)
 	if code != 0 {
-		t.Fatalf("run exited %d", code)
+		t.Fatalf("run exited %d: %s", code, log.String())
 	}
+	return log.String()
 }
 
 func TestArchiveParsesAndDigestsMatch(t *testing.T) {
@@ -283,7 +286,11 @@ func layerEntriesOf(t *testing.T, out string, i int) []short {
 
 func TestTarLayerKeepsOwnersAndLinks(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "img.tar")
-	buildFixture(t, out, rootfsTar(t), fixtureDir(t))
+	log := buildFixture(t, out, rootfsTar(t), fixtureDir(t))
+	// One device node in the tar, one FIFO in the directory.
+	if n := strings.Count(log, "(left out 1 device nodes/FIFOs)"); n != 2 {
+		t.Errorf("log says left out 1 %d times, want 2:\n%s", n, log)
+	}
 	long := "usr/share/" + strings.Repeat("long-name-", 12) + "file"
 	want := []short{
 		{tar.TypeReg, "home/u/f", "", 0o600, 1000, 1000, "mine"},

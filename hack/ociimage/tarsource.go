@@ -56,7 +56,7 @@ func tarEntries(file string, epoch time.Time) (_ *layerEntries, err error) {
 			return nil, fmt.Errorf("%s: %w", file, err)
 		}
 		if !keep {
-			if h.Typeflag != tar.TypeXGlobalHeader {
+			if isDevice(h.Typeflag) {
 				l.dropped++
 			}
 			continue
@@ -131,6 +131,8 @@ func tarEntry(f *os.File, h *tar.Header, epoch time.Time) (e entry, keep bool, e
 	e.hdr = normalize(hc, epoch)
 	return e, true, nil
 }
+
+func isDevice(t byte) bool { return t == tar.TypeChar || t == tar.TypeBlock || t == tar.TypeFifo }
 
 // resolveHardLinks gives every member of a hard-link group the target's
 // header and bytes and one linkKey, so that sortEntries can choose which
