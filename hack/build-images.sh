@@ -96,7 +96,7 @@ static_go() {
 
 # dockerfile_packages: the words of the Dockerfile's apt-get install line.
 dockerfile_packages() {
-	sed -n '/apt-get install/{s/.*apt-get install//;s/&&.*//;s/\\$//;p}' "$repo/Dockerfile" |
+	sed -n '/^[^#]*apt-get install/{s/.*apt-get install//;s/&&.*//;s/\\$//;p}' "$repo/Dockerfile" |
 		tr ' \t' '\n\n' | grep -v '^-' | grep . || true
 }
 
@@ -155,23 +155,24 @@ build_rootfs() {
 	rootfs=$work/rootfs-${key:0:16}.tar
 	if [ -f "$rootfs" ] && [ "${DEBIAN_REFRESH:-0}" != 1 ]; then
 		log "Debian root up to date ($(basename "$rootfs"): $pkgs)"
-		rootfs_key=$key-$(stat -c %Y "$rootfs")
+		rootfs_key=$(sha "$rootfs")
 		return
 	fi
 	log "mmdebstrap bookworm minbase + $pkgs"
 	local mirrors=() line t0=$SECONDS
 	while read -r line; do mirrors+=("$line"); done <<<"$sources"
-	rm -f "$work"/rootfs-*.tar "$work"/rootfs-*.packages
 	# The customize hook lists the packages for whoever reads the cache,
 	# then drops what only the build needed: the aptopts file (it turns off
 	# Release date checks), logs and caches that differ run to run.
 	mmdebstrap "${opts[@]}" \
-		--customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" >"'"${rootfs%.tar}.packages"'"' \
+		--customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" >"'"$work/rootfs.tmp.packages"'"' \
 		--customize-hook='rm -rf "$1"/etc/apt/apt.conf.d/99mmdebstrap "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log "$1"/var/cache/ldconfig/aux-cache "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old' \
 		bookworm "$work/rootfs.tmp.tar" "${mirrors[@]}" >"$work/mmdebstrap.log" 2>&1 ||
 		die "mmdebstrap failed; see $work/mmdebstrap.log"
+	rm -f "$work"/rootfs-*.tar "$work"/rootfs-*.packages
+	mv "$work/rootfs.tmp.packages" "${rootfs%.tar}.packages"
 	mv "$work/rootfs.tmp.tar" "$rootfs"
-	rootfs_key=$key-$(stat -c %Y "$rootfs")
+	rootfs_key=$(sha "$rootfs")
 	log "Debian root: $(du -h "$rootfs" | cut -f1), $(wc -l <"${rootfs%.tar}.packages") packages, $((SECONDS - t0)) s"
 }
 
@@ -185,7 +186,7 @@ stage_driver() {
 driver_image() {
 	local version ldflags
 	version=${VERSION:-$(sed -n 's/^ARG VERSION=//p' "$repo/Dockerfile")}
-	ldflags=$(sed -n 's/.*-ldflags "\([^"]*\)".*/\1/p' "$repo/Dockerfile")
+	ldflags=$(sed -n 's/^[^#]*-ldflags "\([^"]*\)".*/\1/p' "$repo/Dockerfile")
 	[ -n "$version" ] && [ -n "$ldflags" ] || die "no ARG VERSION= or -ldflags \"...\" in the Dockerfile"
 	ldflags=${ldflags//'${VERSION}'/$version}
 	build_rootfs
