@@ -2,8 +2,12 @@
 #
 #   docker build -t csi-qcow2:v0.1.0 .
 #
-# Not built in this project's CI (there is no container engine or registry
-# there); the binary itself is what hack/e2e-k8s.sh runs.
+# This is the documented build. The project builds this same image without
+# Docker (no container engine or registry there) with hack/build-images.sh:
+# it reads the package list of the apt-get line below and the go build
+# -ldflags out of this file, so keep each on one line (the -ldflags quoted,
+# with ${VERSION}). Its root is mmdebstrap --variant=minbase, which is what
+# debian:bookworm-slim is made from.
 
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
