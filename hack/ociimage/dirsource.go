@@ -71,7 +71,7 @@ func dirEntry(p, name string, fi fs.FileInfo, epoch time.Time) (e entry, keep bo
 	case m&(fs.ModeDevice|fs.ModeCharDevice|fs.ModeNamedPipe) != 0:
 		return e, false, nil
 	default:
-		return e, false, fmt.Errorf("%s: unsupported file type %v: %w", p, m.Type(), errBadSource)
+		return e, false, fmt.Errorf("%s: unsupported file type %v", p, m.Type())
 	}
 	e.hdr = normalize(h, epoch)
 	return e, true, nil

@@ -2,7 +2,6 @@ package main
 
 import (
 	"archive/tar"
-	"errors"
 	"fmt"
 	"io"
 	"path"
@@ -10,9 +9,6 @@ import (
 	"strings"
 	"time"
 )
-
-// errBadSource marks a layer source that cannot become a layer as it is.
-var errBadSource = errors.New("ociimage: bad layer source")
 
 // entry is one file of a layer: its normalized tar header and, for a
 // regular file, where its bytes come from.
@@ -49,7 +45,7 @@ func cleanName(name string) (string, error) {
 	n := path.Clean("/" + strings.TrimPrefix(name, "./"))
 	for _, part := range strings.Split(name, "/") {
 		if part == ".." {
-			return "", fmt.Errorf("%q climbs out of the layer: %w", name, errBadSource)
+			return "", fmt.Errorf("%q climbs out of the layer", name)
 		}
 	}
 	return strings.TrimPrefix(n, "/"), nil
@@ -90,7 +86,7 @@ func sortEntries(entries []entry) error {
 	for i := range entries {
 		e := &entries[i]
 		if i > 0 && entries[i-1].hdr.Name == e.hdr.Name {
-			return fmt.Errorf("%q is given twice: %w", e.hdr.Name, errBadSource)
+			return fmt.Errorf("%q is given twice", e.hdr.Name)
 		}
 		if e.linkKey == "" {
 			continue

@@ -191,7 +191,7 @@ func sourceEntries(src string, epoch time.Time) (*layerEntries, error) {
 	case fi.Mode().IsRegular():
 		return tarEntries(src, epoch)
 	}
-	return nil, fmt.Errorf("%s is neither a directory nor a tar file: %w", src, errBadSource)
+	return nil, fmt.Errorf("%s is neither a directory nor a tar file", src)
 }
 
 func jsonBlob(mediaType string, v any) (blob, error) {

@@ -80,7 +80,7 @@ func refuseCompressed(f *os.File, file string) error {
 	}
 	for _, c := range compressedMagic {
 		if bytes.HasPrefix(head[:n], c.magic) {
-			return fmt.Errorf("%s is %s-compressed; give the tar uncompressed: %w", file, c.name, errBadSource)
+			return fmt.Errorf("%s is %s-compressed; give the tar uncompressed", file, c.name)
 		}
 	}
 	_, err = f.Seek(0, io.SeekStart)
@@ -107,11 +107,11 @@ func tarEntry(f *os.File, h *tar.Header, epoch time.Time) (e entry, keep bool, e
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo, tar.TypeXGlobalHeader:
 		return e, false, nil
 	default:
-		return e, false, fmt.Errorf("%s: unsupported tar entry type %q: %w", h.Name, h.Typeflag, errBadSource)
+		return e, false, fmt.Errorf("%s: unsupported tar entry type %q", h.Name, h.Typeflag)
 	}
 	for k := range h.PAXRecords {
 		if strings.HasPrefix(k, "GNU.sparse.") {
-			return e, false, fmt.Errorf("%s: sparse files are not supported: %w", h.Name, errBadSource)
+			return e, false, fmt.Errorf("%s: sparse files are not supported", h.Name)
 		}
 	}
 	name, err := cleanName(h.Name)
@@ -158,13 +158,13 @@ func resolveHardLinks(entries []entry, links map[string]string) error {
 				break
 			}
 			if hops > len(links) {
-				return fmt.Errorf("hard link %s: loop: %w", e.hdr.Name, errBadSource)
+				return fmt.Errorf("hard link %s: loop", e.hdr.Name)
 			}
 			target = next
 		}
 		ti, ok := byName[target]
 		if !ok || entries[ti].hdr.Typeflag != tar.TypeReg {
-			return fmt.Errorf("hard link %s: target %s is not a regular file of the tar: %w", e.hdr.Name, target, errBadSource)
+			return fmt.Errorf("hard link %s: target %s is not a regular file of the tar", e.hdr.Name, target)
 		}
 		t := &entries[ti]
 		t.linkKey = target
