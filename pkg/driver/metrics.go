@@ -81,24 +81,31 @@ func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
-// serve listens on addr and serves /metrics there until ctx is done; a
-// listen error is returned, later serving errors are logged.
+// serve listens on addr and serves /metrics there until ctx is done.
 func (m *metrics) serve(ctx context.Context, addr string) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", m.handler())
+	return serveHTTP(ctx, "metrics", addr, mux)
+}
+
+// serveHTTP listens on addr and serves h there until ctx is done: the
+// shape of the driver's small HTTP endpoints (/metrics, /healthz). A
+// listen error is returned, later serving errors are logged.
+func serveHTTP(ctx context.Context, name, addr string, h http.Handler) error {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", m.handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
 		_ = srv.Close()
 	}()
-	klog.InfoS("Serving metrics", "address", l.Addr().String())
+	// "Serving metrics" address=... is what hack/e2e-k8s.sh looks for.
+	klog.InfoS("Serving "+name, "address", l.Addr().String())
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			klog.ErrorS(err, "Metrics server stopped")
+			klog.ErrorS(err, "HTTP server stopped", "endpoint", name)
 		}
 	}()
 	return nil
