@@ -77,6 +77,15 @@ type Options struct {
 	DeadConnTimeout time.Duration
 	// MetricsAddress, if set, is where /metrics is served (host:port).
 	MetricsAddress string
+	// PluginRegistrationDir, if set, is kubelet's plugins_registry
+	// directory as this process sees it: the driver serves kubelet's
+	// plugin registration API there, on <DriverName>-reg.sock
+	// (registration.go), in place of the node-driver-registrar sidecar.
+	PluginRegistrationDir string
+	// KubeletRegistrationPath is the CSI socket's path as kubelet on the
+	// host sees it, the endpoint kubelet is told to call. Required with
+	// PluginRegistrationDir.
+	KubeletRegistrationPath string
 }
 
 // DefaultOptions are the flag defaults.
@@ -108,6 +117,10 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"request timer of one-connection devices (queue/io_timeout): requests a killed driver held are resent this long after the restarted one reconnects; a slower request only logs a kernel warning. 0: the kernel's 30 s")
 	fs.DurationVar(&o.DeadConnTimeout, "nbd-dead-conn-timeout", o.DeadConnTimeout, "how long device I/O waits for a restarted driver")
 	fs.StringVar(&o.MetricsAddress, "metrics-address", o.MetricsAddress, "serve Prometheus metrics at http://ADDRESS/metrics, e.g. :9808 (default off)")
+	fs.StringVar(&o.PluginRegistrationDir, "plugin-registration-dir", o.PluginRegistrationDir,
+		"kubelet's plugins_registry directory as mounted here, e.g. /registration: serve kubelet plugin registration on DIR/<driver-name>-reg.sock (default off)")
+	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", o.KubeletRegistrationPath,
+		"the CSI socket's absolute path as kubelet on the host sees it, e.g. /var/lib/kubelet/plugins/"+DefaultDriverName+"/csi.sock (required with --plugin-registration-dir)")
 }
 
 // Validate checks the options and cleans DataDir.
@@ -145,7 +158,50 @@ func (o *Options) Validate() error {
 	if t := o.NBDIOTimeout; t > 0 && (t < time.Second || t%time.Millisecond != 0) {
 		errs = append(errs, fmt.Errorf("--nbd-io-timeout %v: want 0, or whole milliseconds of at least 1s", t))
 	}
+	errs = append(errs, o.validateRegistration()...)
 	return errors.Join(errs...)
+}
+
+// maxSocketPath is the longest path a unix socket can be bound or dialled
+// at: sun_path is 108 bytes on Linux, with a terminating NUL.
+const maxSocketPath = 107
+
+// validateRegistration checks the plugin registration flags and makes the
+// directory absolute.
+func (o *Options) validateRegistration() []error {
+	if o.PluginRegistrationDir == "" {
+		if o.KubeletRegistrationPath != "" {
+			return []error{errors.New("--kubelet-registration-path is set but --plugin-registration-dir is not: nothing would register it")}
+		}
+		return nil
+	}
+	var errs []error
+	if abs, err := filepath.Abs(o.PluginRegistrationDir); err != nil {
+		errs = append(errs, fmt.Errorf("--plugin-registration-dir: %w", err))
+	} else {
+		o.PluginRegistrationDir = abs
+	}
+	if p := o.registrationSocket(); len(p) > maxSocketPath {
+		errs = append(errs, fmt.Errorf("--plugin-registration-dir: socket path %s is longer than %d bytes", p, maxSocketPath))
+	}
+	switch p := o.KubeletRegistrationPath; {
+	case p == "":
+		errs = append(errs, errors.New("--kubelet-registration-path is required with --plugin-registration-dir"))
+	case !filepath.IsAbs(p):
+		errs = append(errs, fmt.Errorf("--kubelet-registration-path %q: want the absolute path kubelet dials, e.g. /var/lib/kubelet/plugins/%s/csi.sock", p, o.DriverName))
+	case len(p) > maxSocketPath:
+		errs = append(errs, fmt.Errorf("--kubelet-registration-path %q is longer than %d bytes", p, maxSocketPath))
+	}
+	if o.Mode == ModeController {
+		errs = append(errs, errors.New("--plugin-registration-dir with --mode controller: kubelet registers node plugins (want --mode all or node)"))
+	}
+	return errs
+}
+
+// registrationSocket is where kubelet's plugin watcher finds the driver:
+// the name node-driver-registrar uses, so either can take the other's place.
+func (o *Options) registrationSocket() string {
+	return filepath.Join(o.PluginRegistrationDir, o.DriverName+"-reg.sock")
 }
 
 // socketPath returns the filesystem path of a unix:// endpoint.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -34,38 +33,32 @@ func (d *Driver) Serve(ctx context.Context) error {
 	return d.ServeOn(ctx, l)
 }
 
-// Listen listens on the endpoint's unix socket, removing a stale one.
+// Listen listens on the endpoint's unix socket, replacing a stale one.
 func (d *Driver) Listen() (net.Listener, error) {
 	path, err := socketPath(d.opts.Endpoint)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale socket: %w", err)
-	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("unix", path)
+	l, err := listenUnix(path)
 	if err != nil {
-		return nil, err
-	}
-	// Connecting takes write permission on the socket, which would
-	// otherwise follow the umask (0777 under umask 0). Owner and group:
-	// the sidecars run as the driver's user, or share its group.
-	if err := os.Chmod(path, socketMode); err != nil {
-		l.Close()
-		return nil, err
+		return nil, err // not a typed nil in the interface
 	}
 	return l, nil
 }
 
-// socketMode is the CSI socket's permission: never writable by others.
+// socketMode is the permission of the sockets the driver binds: never
+// writable by others.
 const socketMode = 0o660
 
 // ServeOn recovers staged volumes and serves on l until ctx is done, then
-// stops gracefully.
+// stops gracefully. The metrics endpoint and the plugin registration
+// socket stop with it.
 func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	if d.opts.Mode.node() {
 		d.recoverStaged(ctx)
 	}
@@ -76,6 +69,10 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 		}
 	}
 	srv := d.NewGRPCServer(m.unaryInterceptor)
+	registered, err := d.startRegistration(ctx)
+	if err != nil {
+		return fmt.Errorf("plugin registration: %w", err)
+	}
 	done := make(chan struct{})
 	go func() {
 		select {
@@ -85,13 +82,39 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 		}
 	}()
 	klog.InfoS("Serving CSI", "endpoint", d.opts.Endpoint, "driver", d.opts.DriverName, "nodeID", d.opts.NodeID, "mode", d.opts.Mode)
-	err := srv.Serve(l)
+	err = srv.Serve(l)
 	close(done)
+	cancel()
+	<-registered
 	d.flushStaged()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}
 	return err
+}
+
+// startRegistration binds the plugin registration socket, if
+// --plugin-registration-dir asks for one, and serves it until ctx is
+// done; the channel closes once the socket is removed. It runs last
+// before the CSI server's Serve: kubelet calls NodeGetInfo as soon as it
+// sees the socket, and by then the CSI socket is bound (a connection
+// waits in its backlog for Serve) and recovery is over.
+func (d *Driver) startRegistration(ctx context.Context) (<-chan struct{}, error) {
+	done := make(chan struct{})
+	if d.opts.PluginRegistrationDir == "" {
+		close(done)
+		return done, nil
+	}
+	r := newRegistrar(d.opts)
+	l, fi, err := r.listen()
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		defer close(done)
+		r.serve(ctx, l, fi)
+	}()
+	return done, nil
 }
 
 // NewGRPCServer registers the services of d.opts.Mode. Interceptors given
