@@ -57,6 +57,7 @@ func TestMainDispatch(t *testing.T) {
 		{"driver bad mode", []string{"--node-id=n1", "--data-dir=/tmp", "--mode=x"}, 2, "", "--mode"},
 		{"driver unknown flag", []string{"--bogus"}, 2, "", "unknown flag"},
 		{"help lists registration", []string{"--help"}, 0, "--plugin-registration-dir", ""},
+		{"help lists healthz", []string{"--help"}, 0, "--healthz-address", ""},
 		{"registration without path", []string{"--node-id=n1", "--data-dir=/tmp", "--plugin-registration-dir=/registration"}, 2, "",
 			"--kubelet-registration-path is required with --plugin-registration-dir"},
 		{"registration relative path", []string{"--node-id=n1", "--data-dir=/tmp", "--plugin-registration-dir=/registration",

@@ -77,6 +77,10 @@ type Options struct {
 	DeadConnTimeout time.Duration
 	// MetricsAddress, if set, is where /metrics is served (host:port).
 	MetricsAddress string
+	// HealthzAddress, if set, is where /healthz is served (host:port):
+	// Probe, called in-process, and the sockets kubelet needs
+	// (healthz.go). It stands in for the livenessprobe sidecar.
+	HealthzAddress string
 	// PluginRegistrationDir, if set, is kubelet's plugins_registry
 	// directory as this process sees it: the driver serves kubelet's
 	// plugin registration API there, on <DriverName>-reg.sock
@@ -117,6 +121,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"request timer of one-connection devices (queue/io_timeout): requests a killed driver held are resent this long after the restarted one reconnects; a slower request only logs a kernel warning. 0: the kernel's 30 s")
 	fs.DurationVar(&o.DeadConnTimeout, "nbd-dead-conn-timeout", o.DeadConnTimeout, "how long device I/O waits for a restarted driver")
 	fs.StringVar(&o.MetricsAddress, "metrics-address", o.MetricsAddress, "serve Prometheus metrics at http://ADDRESS/metrics, e.g. :9808 (default off)")
+	fs.StringVar(&o.HealthzAddress, "healthz-address", o.HealthzAddress,
+		"serve http://ADDRESS/healthz, e.g. :9809: 200 when Probe says ready and the CSI socket (and registration socket, if on) exist, else 500 (default off)")
 	fs.StringVar(&o.PluginRegistrationDir, "plugin-registration-dir", o.PluginRegistrationDir,
 		"kubelet's plugins_registry directory as mounted here, e.g. /registration: serve kubelet plugin registration on DIR/<driver-name>-reg.sock (default off)")
 	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", o.KubeletRegistrationPath,

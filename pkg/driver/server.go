@@ -54,8 +54,8 @@ func (d *Driver) Listen() (net.Listener, error) {
 const socketMode = 0o660
 
 // ServeOn recovers staged volumes and serves on l until ctx is done, then
-// stops gracefully. The metrics endpoint and the plugin registration
-// socket stop with it.
+// stops gracefully. The HTTP endpoints and the plugin registration socket
+// stop with it.
 func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -66,6 +66,11 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	if d.opts.MetricsAddress != "" {
 		if err := m.serve(ctx, d.opts.MetricsAddress); err != nil {
 			return fmt.Errorf("metrics: %w", err)
+		}
+	}
+	if d.opts.HealthzAddress != "" {
+		if err := serveHTTP(ctx, "healthz", d.opts.HealthzAddress, d.healthzMux(d.kubeletSockets(l)...)); err != nil {
+			return fmt.Errorf("healthz: %w", err)
 		}
 	}
 	srv := d.NewGRPCServer(m.unaryInterceptor)
