@@ -19,7 +19,7 @@ run: build
 # missing tools a failure), every fuzz target for a few seconds, then the
 # tests that need a real /dev/nbdX, in a qemu guest, then deploy/kubernetes
 # against a real control plane.
-test: deps vet unit fuzz kill-rounds guest e2e-k8s
+test: deps vet unit fuzz kill-rounds guest e2e-k8s e2e-pods
 
 deps:
 	hack/install-deps.sh
@@ -68,3 +68,10 @@ bench-driver:
 .PHONY: e2e-k8s
 e2e-k8s:
 	hack/e2e-k8s.sh
+
+# deploy/kubernetes on a real kubelet: a node guest (qemu TCG, /dev/nbdX)
+# with containerd and kubelet joined to a control plane on loopback; the
+# driver runs as its DaemonSet pod, PVCs in running Pods (hack/e2e-pods.sh).
+.PHONY: e2e-pods
+e2e-pods:
+	hack/e2e-pods.sh

@@ -51,26 +51,10 @@ K8S_CACHE_DIR=$cache hack/k8s-build.sh
 work=$(mktemp -d /tmp/e2e-k8s.XXXXXX)
 data=$work/data
 logs=$work/logs
-mkdir -p "$data" "$logs" "$work/etcd" "$work/certs"
+mkdir -p "$data" "$logs"
 
-pids=()
-start() { # start NAME CMD...: runs CMD in the background, log in $logs/NAME.log
-	local name=$1
-	shift
-	"$@" >"$logs/$name.log" 2>&1 &
-	pids+=($!)
-}
-stop_all() {
-	local i
-	# Reverse start order: sidecars, driver, controller-manager, apiserver,
-	# then etcd (an apiserver without etcd hangs on SIGTERM).
-	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-		kill "${pids[i]}" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "${pids[i]}" 2>/dev/null || break; sleep 0.1; done
-		kill -9 "${pids[i]}" 2>/dev/null || true
-	done
-	wait 2>/dev/null || true
-}
+# shellcheck source=hack/lib/cluster.sh
+. hack/lib/cluster.sh
 on_exit() {
 	local rc=$?
 	if [ $rc -ne 0 ]; then
@@ -81,7 +65,7 @@ on_exit() {
 			tail -n 15 "$f"
 		done
 	fi
-	stop_all
+	cluster_stop
 	if [ "${KEEP:-}" = 1 ] || [ $rc -ne 0 ]; then
 		echo "work dir kept: $work"
 	else
@@ -99,69 +83,17 @@ fi
 qimg() { "$work/csi-qcow2" image "$@"; }
 say "built in $((SECONDS - t0)) s"
 
-wait_for() { # wait_for SECONDS DESCRIPTION CMD...: until CMD succeeds
-	local secs=$1 what=$2
-	shift 2
-	local end=$((SECONDS + secs))
-	until "$@" >/dev/null 2>&1; do
-		[ $SECONDS -lt $end ] || fail "timed out after ${secs}s waiting for $what"
-		sleep 0.5
-	done
-}
-
 step "start etcd $ETCD_VERSION, kube-apiserver and kube-controller-manager $K8S_VERSION on 127.0.0.1"
-start etcd "$bin/etcd-$ETCD_VERSION" --name e2e --data-dir "$work/etcd" --unsafe-no-fsync \
-	--listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-	--listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
-	--initial-cluster "e2e=http://127.0.0.1:$etcd_peer"
-openssl genrsa -out "$work/certs/sa.key" 2048 2>/dev/null
-openssl rsa -in "$work/certs/sa.key" -pubout -out "$work/certs/sa.pub" 2>/dev/null
-token=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
-echo "$token,e2e-admin,e2e-admin,system:masters" >"$work/certs/tokens.csv"
-wait_for 30 "etcd" curl -sf "http://127.0.0.1:$etcd_port/health"
-start kube-apiserver "$bin/kube-apiserver-$K8S_VERSION" \
-	--etcd-servers "http://127.0.0.1:$etcd_port" \
-	--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-	--endpoint-reconciler-type none --cert-dir "$work/certs" \
-	--token-auth-file "$work/certs/tokens.csv" --authorization-mode RBAC \
-	--service-account-key-file "$work/certs/sa.pub" \
-	--service-account-signing-key-file "$work/certs/sa.key" \
-	--service-account-issuer https://kubernetes.default.svc.cluster.local \
-	--service-cluster-ip-range 10.96.0.0/24 --allow-privileged=true
-
+cluster_certs
+cluster_etcd "$etcd_port" "$etcd_peer"
+cluster_apiserver "$api_port"
 # One kubeconfig per identity: the admin (kubectl, the controller-manager)
 # and, impersonated, the service accounts deploy/kubernetes defines.
-kubeconfig() { # kubeconfig FILE [IMPERSONATE]
-	cat >"$1" <<-EOF
-		apiVersion: v1
-		kind: Config
-		clusters:
-		- name: e2e
-		  cluster:
-		    server: https://127.0.0.1:$api_port
-		    insecure-skip-tls-verify: true
-		users:
-		- name: e2e
-		  user:
-		    token: $token
-		${2:+    as: $2}
-		contexts:
-		- name: e2e
-		  context: {cluster: e2e, user: e2e}
-		current-context: e2e
-	EOF
-}
-kubeconfig "$work/admin.kubeconfig"
 kubeconfig "$work/node.kubeconfig" "system:serviceaccount:$ns:csi-qcow2-node"
 kubeconfig "$work/resizer.kubeconfig" "system:serviceaccount:$ns:csi-qcow2-resizer"
 kubeconfig "$work/snapctl.kubeconfig" "system:serviceaccount:kube-system:snapshot-controller"
-export KUBECONFIG=$work/admin.kubeconfig
-kubectl() { "$bin/kubectl-$K8S_VERSION" "$@"; }
-wait_for 60 "kube-apiserver /readyz" kubectl get --raw /readyz
 say "$(kubectl version | tr '\n' ' ')"
-
-start kube-controller-manager "$bin/kube-controller-manager-$K8S_VERSION" \
-	--kubeconfig "$work/admin.kubeconfig" --secure-port 0 --leader-elect=false \
+cluster_controller_manager \
 	--controllers persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
 
 step "VolumeSnapshot CRDs (client/v8@$SNAPSHOTTER_VERSION config/crd)"

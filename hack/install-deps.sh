@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite uses (QEMU as the oracle,
-# NBD clients, fio, filesystem tools, the guest's kernel tooling). Runs
+# NBD clients, fio, filesystem tools, the guest's kernel tooling, and for
+# the Kubernetes node guest: socat for its port forward, mmdebstrap for its
+# root and the images, containerd and runc for hack/test-images.sh). Runs
 # apt-get only when something is missing, so warm runs cost nothing.
 set -euo pipefail
 
 pkgs=(qemu-utils libnbd-bin fio qemu-system-x86 e2fsprogs xfsprogs
-	busybox-static cpio xz-utils bc util-linux)
+	busybox-static cpio xz-utils bc util-linux openssl curl
+	socat mmdebstrap containerd runc)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,7 +4,7 @@
 # registry here), into $K8S_CACHE_DIR/bin, one file per name and version:
 #
 #   etcd-v3.7.3 kube-apiserver-v1.37.1 kube-controller-manager-v1.37.1
-#   kubectl-v1.37.1 csi-provisioner-v6.3.0 csi-snapshotter-v8.7.0
+#   kube-scheduler-v1.37.1 kubelet-v1.37.1 kubectl-v1.37.1 csi-provisioner-v6.3.0 csi-snapshotter-v8.7.0
 #   snapshot-controller-v8.7.0 csi-resizer-v2.3.0
 #
 # A binary that is already there is not rebuilt, so only the first run pays
@@ -65,10 +65,10 @@ build_etcd() {
 }
 
 build_kube() {
-	local names=(kube-apiserver kube-controller-manager kubectl) n missing=0
+	local names=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl) n missing=0
 	for n in "${names[@]}"; do have "$n-$K8S_VERSION" || missing=1; done
 	[ $missing = 1 ] || return 0
-	log "building kube-apiserver, kube-controller-manager, kubectl $K8S_VERSION"
+	log "building ${names[*]} $K8S_VERSION"
 	local d=$cache/src/kubernetes-$K8S_VERSION
 	local staging=v0.${K8S_VERSION#v1.}
 	mkdir -p "$d"
@@ -100,9 +100,9 @@ build_kube() {
 			ld+=" -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000"
 			ld+=" -X $p.buildDate=1970-01-01T00:00:00Z"
 		done
-		go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
-			"k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
-			"k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+		local pkgs=()
+		for n in "${names[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$n@$K8S_VERSION"); done
+		go get "${pkgs[@]}"
 		for n in "${names[@]}"; do
 			have "$n-$K8S_VERSION" && continue
 			log "  go build $n"

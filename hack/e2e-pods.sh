@@ -1,0 +1,341 @@
+#!/usr/bin/env bash
+# csi-qcow2 on a real kubelet: the driver as its DaemonSet pod, PVCs used by
+# running containers, driven by kubectl only, as a user would.
+#
+# The node is a qemu guest (hack/vm/node: Debian's kernel under TCG, with
+# /dev/nbdX; containerd, runc and the CNI bridge from Debian, kubelet built
+# from source) joined to a control plane on this machine's loopback (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler; hack/lib/cluster.sh).
+# The images are hack/build-images.sh's OCI archives, imported into the
+# node's containerd (nothing is pulled). deploy/kubernetes and its
+# snapshot-controller are applied unchanged but for our image's name.
+#
+# Prints one line per step and, last, "k8s-pods: N/N steps passed"; exits
+# non-zero on the first failed step (the logs of every component, the
+# guest's included, are printed and kept).
+#
+# Environment: E2E_PORT_BASE (default 23890; uses six ports from it),
+# KEEP=1 keeps the work dir, NODE_MEM/NODE_SMP (the guest's size).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+t0=$SECONDS
+K8S_VERSION=${K8S_VERSION:-v1.37.1}
+ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
+SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
+export K8S_VERSION ETCD_VERSION SNAPSHOTTER_VERSION
+cache=${K8S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/k8s}
+bin=$cache/bin
+base=${E2E_PORT_BASE:-23890}
+api_port=$((base + 2)) kubelet_port=$((base + 5))
+node=kube-node
+driver_name=qcow2.csi-qcow2.io
+ns=csi-qcow2
+steps=0 passed=0
+
+say() { echo "    $*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+# step N TITLE: a step begins; pass: it ended well (one line each).
+step() { steps=$((steps + 1)); step_t=$SECONDS; step_title=$*; echo "--- [$((SECONDS - t0))s] step $steps: $*"; }
+pass() { passed=$((passed + 1)); echo "k8s-pods: step $steps ok ($((SECONDS - step_t)) s): $step_title${1:+: $1}"; }
+
+for t in openssl curl socat qemu-system-x86_64 qemu-img; do
+	command -v $t >/dev/null || fail "$t not found (hack/install-deps.sh)"
+done
+
+echo "=== [0s] builds: control plane, kubelet and sidecars (cached), images, the node's disk"
+K8S_CACHE_DIR=$cache hack/k8s-build.sh
+images=$(hack/build-images.sh)
+list=$images/images.list
+[ -s "$list" ] || fail "hack/build-images.sh wrote no $list"
+driver_image=$(awk '$1 ~ /csi-qcow2:/ {print $1; exit}' "$list")
+[ -n "$driver_image" ] || fail "no csi-qcow2 image in $list"
+disk=$(hack/vm/node/build-rootfs.sh "$bin/kubelet-$K8S_VERSION" "$images")
+echo "    builds done in $((SECONDS - t0)) s; driver image $driver_image"
+
+work=$(mktemp -d /tmp/e2e-pods.XXXXXX)
+logs=$work/logs
+run=$work/node
+mkdir -p "$logs" "$run"
+# shellcheck source=hack/lib/cluster.sh
+. hack/lib/cluster.sh
+
+on_exit() {
+	local rc=$?
+	if [ $rc -ne 0 ]; then
+		echo
+		echo "e2e-pods failed (rc=$rc) in step $steps ($step_title); last lines of each log:"
+		for f in "$logs"/*.log "$run"/*.log; do
+			[ -f "$f" ] || continue
+			echo "--- $(basename "$f")"
+			tail -n 25 "$f"
+		done
+		kubectl get pods -A -o wide 2>/dev/null || true
+		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
+	fi
+	[ -d "$run" ] && touch "$run/stop"
+	[ -n "${guest_pid:-}" ] && { for _ in $(seq 20); do kill -0 "$guest_pid" 2>/dev/null || break; sleep 0.5; done; }
+	cluster_stop
+	if [ "${KEEP:-}" = 1 ] || [ $rc -ne 0 ]; then
+		echo "work dir kept: $work"
+	else
+		rm -rf "$work"
+	fi
+	echo "e2e-pods: wall time $((SECONDS - t0)) s"
+}
+trap on_exit EXIT
+
+echo "=== [$((SECONDS - t0))s] control plane on 127.0.0.1, the node guest"
+cluster_certs
+cluster_etcd "$base" $((base + 1))
+# The API server reaches kubelet by the node's name (its InternalIP is
+# the guest's own 10.0.2.15, not reachable from here): that name is
+# 127.0.0.1, where qemu forwards the kubelet port, in its /etc/hosts only.
+{ cat /etc/hosts; echo "127.0.0.1 $node"; } >"$work/hosts"
+CLUSTER_HOSTS=$work/hosts cluster_apiserver "$api_port" \
+	--kubelet-preferred-address-types Hostname
+cluster_controller_manager --root-ca-file "$work/certs/ca.crt" \
+	--service-account-private-key-file "$work/certs/sa.key"
+cluster_scheduler --secure-port $((base + 3))
+
+cp "$work/certs/ca.crt" "$run/ca.crt"
+cat >"$run/kubelet.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster: {server: "https://10.0.2.100:6443", certificate-authority: /etc/kubernetes/ca.crt}
+users:
+- name: kubelet
+  user: {token: $node_token}
+contexts:
+- name: e2e
+  context: {cluster: e2e, user: kubelet}
+current-context: e2e
+EOF
+printf 'NODE_NAME=%s\nAPI_ADDR=10.0.2.100:6443\nKUBELET_PORT=%s\n' "$node" "$kubelet_port" >"$run/node.env"
+API_PORT=$api_port KUBELET_PORT=$kubelet_port hack/vm/node/boot.sh "$disk" "$run" \
+	>"$logs/guest-console.log" 2>&1 &
+guest_pid=$!
+cluster_pids=("${cluster_pids[@]:0:1}" "$guest_pid" "${cluster_pids[@]:1}")
+
+step "the node boots and registers: kubelet, containerd, our images"
+node_ready() { [ "$(kubectl get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+wait_for 300 "node $node Ready" node_ready
+say "$(grep -h 'imported\|kubelet started' "$run/node-init.log" | tr '\n' ';')"
+pass "$(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.kubeletVersion} {.status.nodeInfo.containerRuntimeVersion} {.status.nodeInfo.kernelVersion}')"
+
+step "deploy/kubernetes (image: $driver_image) and its snapshot-controller: the DaemonSet pod runs and registers"
+crds=$cache/src/external-snapshotter-$SNAPSHOTTER_VERSION/client/config/crd
+for f in "$crds"/*snapshot.storage.k8s.io_*.yaml; do kubectl apply --server-side -f "$f" >/dev/null; done
+kubectl wait --for condition=established --timeout 60s crd/volumesnapshots.snapshot.storage.k8s.io \
+	crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+mkdir -p "$work/overlay"
+cat >"$work/overlay/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $(realpath --relative-to="$work/overlay" "$repo/deploy/kubernetes")
+images:
+  - name: csi-qcow2
+    newName: ${driver_image%:*}
+    newTag: ${driver_image##*:}
+EOF
+kubectl kustomize --load-restrictor LoadRestrictionsNone "$work/overlay" >"$work/deploy.yaml"
+kubectl apply -f "$work/deploy.yaml" >/dev/null
+kubectl apply -k deploy/kubernetes/snapshot-controller >/dev/null
+kubectl -n $ns rollout status ds/csi-qcow2-node --timeout=300s >/dev/null ||
+	fail "the DaemonSet's pod did not become ready"
+has_driver() { kubectl get csinode "$node" -o jsonpath='{.spec.drivers[*].name}' | grep -qw "$driver_name"; }
+wait_for 120 "CSINode $node to list $driver_name" has_driver
+has_capacity() { [ -n "$(kubectl get csistoragecapacities -n $ns -o name)" ]; }
+wait_for 180 "CSIStorageCapacity in $ns" has_capacity
+kubectl -n kube-system rollout status deploy/snapshot-controller --timeout=300s >/dev/null ||
+	fail "snapshot-controller did not become ready"
+kubectl -n $ns rollout status deploy/csi-qcow2-resizer --timeout=300s >/dev/null ||
+	fail "csi-qcow2-resizer did not become ready"
+pass "CSINode $(kubectl get csinode "$node" -o jsonpath='{.spec.drivers[0].name} nodeID={.spec.drivers[0].nodeID} topology={.spec.drivers[0].topologyKeys}'); CSIStorageCapacity $(kubectl get csistoragecapacities -n $ns -o jsonpath='{.items[0].capacity}')"
+
+# pvc NAME SIZE [STORAGECLASS] [EXTRA-SPEC-YAML]
+pvc() {
+	kubectl apply -f - >/dev/null <<-EOF
+		apiVersion: v1
+		kind: PersistentVolumeClaim
+		metadata: {name: $1, namespace: default}
+		spec:
+		  storageClassName: ${3:-csi-qcow2}
+		  accessModes: [ReadWriteOnce]
+		  resources: {requests: {storage: $2}}
+		${4:-}
+	EOF
+}
+# pod NAME PVC SCRIPT [block]: a busybox pod with PVC at /data (or the
+# raw device at /dev/xvda), fsGroup 2000, running SCRIPT.
+pod() {
+	local vol="volumeMounts: [{name: v, mountPath: /data}]"
+	[ "${4:-}" = block ] && vol="volumeDevices: [{name: v, devicePath: /dev/xvda}]"
+	kubectl apply -f - >/dev/null <<-EOF
+		apiVersion: v1
+		kind: Pod
+		metadata: {name: $1, namespace: default}
+		spec:
+		  securityContext: {fsGroup: 2000}
+		  terminationGracePeriodSeconds: 2
+		  containers:
+		  - name: app
+		    image: $busybox
+		    imagePullPolicy: Never
+		    command: ["sh", "-c", $(printf '%s' "$3" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+		    $vol
+		  volumes:
+		  - name: v
+		    persistentVolumeClaim: {claimName: $2}
+	EOF
+}
+running() { kubectl wait --for=condition=Ready --timeout="${2:-300}s" pod/"$1" >/dev/null; }
+kx() { kubectl exec "$1" -- sh -c "$2"; }
+busybox=$(awk '$1 ~ /busybox/ {print $1; exit}' "$list")
+[ -n "$busybox" ] || fail "no busybox image in $list"
+
+step "an ext4 PVC and an xfs PVC in running Pods: write files, fsync, fsGroup applied"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: csi-qcow2-xfs}
+provisioner: $driver_name
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: {csi.storage.k8s.io/fstype: xfs}
+EOF
+pvc data-ext4 1Gi
+pvc data-xfs 512Mi csi-qcow2-xfs
+writer='i=0; while :; do i=$((i+1)); echo "rec $i $(date +%s)" >/data/rec.tmp && dd if=/data/rec.tmp of=/data/log bs=64 count=1 seek=$((i-1)) conv=notrunc,fsync 2>/dev/null || { echo "WRITE-ERROR at $i"; exit 1; }; echo "$i" >/data/last.tmp; mv /data/last.tmp /data/last; sleep 0.2; done'
+pod app-ext4 data-ext4 'echo hello-ext4 >/data/hello && sync /data/hello && sleep 1000000'
+pod app-xfs data-xfs 'echo hello-xfs >/data/hello && sync /data/hello && sleep 1000000'
+running app-ext4 || fail "app-ext4 not running"
+running app-xfs || fail "app-xfs not running"
+for p in ext4 xfs; do
+	[ "$(kx app-$p 'cat /data/hello')" = "hello-$p" ] || fail "app-$p cannot read back /data/hello"
+	fs=$(kx app-$p 'grep " /data " /proc/mounts | cut -d" " -f3')
+	[ "$fs" = "$p" ] || fail "app-$p: /data is $fs, not $p"
+	g=$(kx app-$p 'stat -c %g /data')
+	[ "$g" = 2000 ] || fail "app-$p: /data has group $g, not the fsGroup 2000"
+	kx app-$p 'dd if=/dev/urandom of=/data/blob bs=1M count=8 conv=fsync 2>/dev/null && md5sum /data/blob' >"$work/blob-$p.md5"
+done
+pass "ext4 and xfs mounted at /data, group 2000, files written and fsynced"
+
+step "VolumeSnapshot of the ext4 PVC while its Pod writes; a restore PVC sees the snapshot's files, not later ones"
+kubectl delete pod app-ext4 --wait=true >/dev/null
+pod app-ext4 data-ext4 "$writer"
+running app-ext4 || fail "the writer pod is not running"
+kx app-ext4 'echo before >/data/before && sync /data/before'
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap, namespace: default}
+spec:
+  volumeSnapshotClassName: csi-qcow2
+  source: {persistentVolumeClaimName: data-ext4}
+EOF
+kubectl wait --for=jsonpath='{.status.readyToUse}'=true --timeout=180s volumesnapshot/snap >/dev/null ||
+	fail "volumesnapshot/snap not ready"
+kx app-ext4 'echo after >/data/after && sync /data/after'
+pvc restored 1Gi csi-qcow2 "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}"
+pod app-restored restored 'sleep 1000000'
+running app-restored || fail "app-restored not running"
+kx app-restored 'test -f /data/before' || fail "the restored volume lacks /data/before"
+! kx app-restored 'test -e /data/after' || fail "the restored volume has /data/after, written after the snapshot"
+kx app-restored 'test -s /data/log' || fail "the restored volume has no writer log"
+pass "restored: before present, after absent, the writer's log at $(kx app-restored 'cat /data/last') records"
+
+step "a clone PVC (dataSource: the ext4 PVC) in a new Pod sees the source's files"
+pvc clone 1Gi csi-qcow2 "  dataSource: {kind: PersistentVolumeClaim, name: data-ext4}"
+pod app-clone clone 'sleep 1000000'
+running app-clone || fail "app-clone not running"
+kx app-clone 'test -f /data/before && test -f /data/after && test -s /data/log' ||
+	fail "the clone lacks the source's files"
+[ "$(kx app-clone 'md5sum /data/blob')" = "$(cat "$work/blob-ext4.md5")" ] || fail "the clone's /data/blob differs"
+pass "before, after, log and an 8 MiB blob (md5 equal) in the clone"
+
+step "expand the ext4 PVC 1Gi -> 2Gi online: status.capacity and df in the Pod"
+kubectl patch pvc data-ext4 -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null
+grown() { [ "$(kubectl get pvc data-ext4 -o jsonpath='{.status.capacity.storage}')" = 2Gi ]; }
+wait_for 300 "pvc/data-ext4 status.capacity 2Gi" grown
+df_k=$(kx app-ext4 'df -k /data | tail -1' | awk '{print $2}')
+[ "$df_k" -gt $((1800 * 1024)) ] || fail "df in the Pod shows ${df_k} KiB, not ~2 GiB"
+pass "status.capacity 2Gi, df shows $((df_k / 1024)) MiB"
+
+step "a block-mode PVC: dd a pattern in one Pod, read it back from a second after the first is deleted"
+pvc data-block 256Mi csi-qcow2 "  volumeMode: Block"
+pod app-block data-block 'dd if=/dev/urandom of=/tmp/p bs=1M count=16 2>/dev/null && dd if=/tmp/p of=/dev/xvda bs=1M conv=fsync 2>/dev/null && md5sum </tmp/p >/tmp/sum && sleep 1000000' block
+running app-block || fail "app-block not running"
+wait_for 60 "the pattern written" kx app-block 'test -s /tmp/sum'
+sum1=$(kx app-block 'cat /tmp/sum')
+kubectl delete pod app-block --wait=true >/dev/null
+pod app-block2 data-block 'sleep 1000000' block
+running app-block2 || fail "app-block2 not running"
+sum2=$(kx app-block2 'dd if=/dev/xvda bs=1M count=16 2>/dev/null | md5sum')
+[ "$sum1" = "$sum2" ] || fail "the second Pod reads another pattern ($sum2, wrote $sum1)"
+pass "16 MiB pattern read back intact ($sum1)"
+
+step "kubectl delete the driver's pod while an app Pod writes with fsync"
+last0=$(kx app-ext4 'cat /data/last')
+old=$(kubectl -n $ns get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+kubectl -n $ns delete pod "$old" --wait=true >/dev/null
+kubectl -n $ns rollout status ds/csi-qcow2-node --timeout=300s >/dev/null || fail "no new driver pod"
+new=$(kubectl -n $ns get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+[ "$new" != "$old" ] || fail "the driver pod was not replaced"
+lastA=$(kx app-ext4 'cat /data/last')
+more() { [ "$(kx app-ext4 'cat /data/last')" -gt $((lastA + 10)) ]; }
+wait_for 180 "the writer to go on after the new driver pod" more
+kx app-ext4 'touch /data/rw-check && rm /data/rw-check' || fail "the filesystem is not writable"
+restarts=$(kubectl get pod app-ext4 -o jsonpath='{.status.containerStatuses[0].restartCount}')
+[ "$restarts" = 0 ] || fail "the writer exited (restarts $restarts): $(kubectl logs app-ext4 --previous 2>&1 | tail -2)"
+kubectl delete pod app-ext4 --wait=true >/dev/null
+pod app-ext4 data-ext4 'sleep 1000000'
+running app-ext4 || fail "app-ext4 not running again"
+n=$(kx app-ext4 'cat /data/last')
+bad=$(kx app-ext4 "i=1; while [ \$i -le $n ]; do r=\$(dd if=/data/log bs=64 skip=\$((i-1)) count=1 2>/dev/null | cut -d' ' -f1-2); [ \"\$r\" = \"rec \$i\" ] || echo \$i; i=\$((i+1)); done | head -5")
+[ -z "$bad" ] || fail "fsynced records lost or wrong: $bad"
+pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write"
+
+step "refused and unschedulable PVCs get clear events"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: csi-qcow2-bad}
+provisioner: $driver_name
+volumeBindingMode: WaitForFirstConsumer
+parameters: {noSuchParameter: "1"}
+EOF
+pvc bad-param 64Mi csi-qcow2-bad
+pod app-bad-param bad-param 'sleep 1'
+ev_has() { kubectl get events --field-selector "involvedObject.name=$1" -o jsonpath='{.items[*].message}' | grep -q "$2"; }
+wait_for 180 "a ProvisioningFailed event naming noSuchParameter" ev_has bad-param noSuchParameter
+pvc too-big 100Ti
+pod app-too-big too-big 'sleep 1'
+wait_for 180 "a FailedScheduling event about storage capacity" ev_has app-too-big 'enough free storage'
+[ "$(kubectl get pvc too-big -o jsonpath='{.status.phase}')" = Pending ] || fail "pvc/too-big is not Pending"
+pass "bad-param: $(kubectl get events --field-selector involvedObject.name=bad-param -o jsonpath='{.items[0].message}' | cut -c1-120); too-big: Pending, $(kubectl get events --field-selector involvedObject.name=app-too-big -o jsonpath='{.items[0].message}' | cut -c1-100)"
+
+step "delete everything: volumes unpublished and unstaged, no /dev/nbdX connected, data dir empty"
+kubectl delete pod --all --wait=true >/dev/null
+kubectl delete volumesnapshot --all --wait=false >/dev/null
+kubectl delete pvc --all --wait=false >/dev/null
+no_pvs() { [ -z "$(kubectl get pv -o name)" ] && [ -z "$(kubectl get volumesnapshotcontent -o name)" ]; }
+wait_for 300 "PVs and VolumeSnapshotContents to go" no_pvs
+drv=$(kubectl -n $ns get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+dx() { kubectl -n $ns exec "$drv" -c csi-qcow2 -- sh -c "$1"; }
+connected=$(dx 'for p in /sys/block/nbd*/pid; do [ -e "$p" ] && echo "$p"; done; true')
+[ -z "$connected" ] || fail "nbd devices still connected: $connected"
+left=$(dx 'find /var/lib/csi-qcow2 -type f; find /var/lib/kubelet/pods -path "*csi*" -name mount -type d 2>/dev/null; true')
+[ -z "$left" ] || fail "left behind: $left"
+staged=$(dx 'grep -c "/var/lib/kubelet/plugins/kubernetes.io/csi" /proc/mounts || true')
+[ "$staged" = 0 ] || fail "$staged staging mounts left"
+kubectl delete -f "$work/deploy.yaml" --wait=true --timeout=120s >/dev/null
+kubectl delete -k deploy/kubernetes/snapshot-controller --wait=true --timeout=120s >/dev/null
+pass "no PV, no snapshot content, no connected nbd device, no staging mount, nothing in the data dir"
+
+echo "k8s-pods: $passed/$steps steps passed"
+[ "$passed" = "$steps" ]
