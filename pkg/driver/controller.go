@@ -291,9 +291,12 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	if _, err := parseCreateParams(req.GetParameters()); err != nil {
-		return nil, err
-	}
+	// The parameters are not judged here: the free space of the data dir
+	// is the same whatever they say, and CreateVolume refuses bad ones
+	// with an error that names them. Refusing them here too would keep
+	// the StorageClass from ever getting a CSIStorageCapacity, so the
+	// scheduler would hold its pods back with "not enough free storage"
+	// and the PVC would never reach CreateVolume and its event.
 	if t := req.GetAccessibleTopology(); t != nil && t.GetSegments()[d.opts.TopologyKey] != d.opts.NodeID {
 		return &csi.GetCapacityResponse{}, nil
 	}

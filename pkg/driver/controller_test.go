@@ -345,3 +345,29 @@ func TestCreateVolumeLazyRefcounts(t *testing.T) {
 		})
 	}
 }
+
+// TestGetCapacityIgnoresParameters: a StorageClass with a parameter
+// CreateVolume refuses still gets its capacity, so that its PVCs reach
+// CreateVolume and the error naming the parameter, instead of waiting on a
+// scheduler that sees no CSIStorageCapacity for it.
+func TestGetCapacityIgnoresParameters(t *testing.T) {
+	e := newTestEnv(t)
+	ctx := context.Background()
+	want, err := e.ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	if err != nil || want.GetAvailableCapacity() <= 0 {
+		t.Fatalf("GetCapacity() = %v, %v; want free space", want, err)
+	}
+	for _, params := range []map[string]string{
+		{"noSuchParameter": "1"},
+		{"csi.storage.k8s.io/fstype": "btrfs", "clusterSize": "3000"},
+	} {
+		got, err := e.ctrl.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: params})
+		if err != nil || got.GetAvailableCapacity() <= 0 {
+			t.Errorf("GetCapacity(%v) = %v, %v; want free space", params, got, err)
+		}
+		_, err = e.ctrl.CreateVolume(ctx, createReq("p", 1<<20, params))
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("CreateVolume(%v): %v; want InvalidArgument", params, err)
+		}
+	}
+}
