@@ -82,6 +82,12 @@ func (n *nbdAttacher) kernel() (*nbdattach.Attacher, error) {
 		if n.err != nil {
 			return
 		}
+		if i := n.a.Interface(); i != nbdattach.InterfaceNetlink {
+			klog.ErrorS(nil, "The kernel's nbd netlink family is not reachable (a pod needs hostNetwork: true; it exists in the host's network namespace only): attaching with the ioctls, whose devices fail all I/O as soon as this process exits, so a restarted driver cannot take them back",
+				"interface", i)
+		} else {
+			klog.InfoS("Attaching NBD devices over netlink", "interface", i)
+		}
 		if c := n.opts.NBDConnections; c != 1 {
 			klog.InfoS("NBD devices may get several connections: a request slower than the kernel's 30 s timer then gets its live connection cut and is resent on another, a late write may overwrite newer data, cut connections are not replaced, and --nbd-io-timeout does not apply",
 				"nbdConnections", c)
