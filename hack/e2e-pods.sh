@@ -46,7 +46,8 @@ done
 
 echo "=== [0s] builds: control plane, kubelet and sidecars (cached), images, the node's disk"
 K8S_CACHE_DIR=$cache hack/k8s-build.sh
-images=$(hack/build-images.sh)
+images=${IMAGES_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/images}
+IMAGES_CACHE_DIR=$images K8S_CACHE_DIR=$cache hack/build-images.sh --require-sidecars >/dev/null
 list=$images/images.list
 [ -s "$list" ] || fail "hack/build-images.sh wrote no $list"
 driver_image=$(awk '$1 ~ /csi-qcow2:/ {print $1; exit}' "$list")
@@ -229,6 +230,8 @@ step "VolumeSnapshot of the ext4 PVC while its Pod writes; a restore PVC sees th
 kubectl delete pod app-ext4 --wait=true >/dev/null
 pod app-ext4 data-ext4 "$writer"
 running app-ext4 || fail "the writer pod is not running"
+writing() { [ "$(kx app-ext4 'cat /data/last 2>/dev/null')" -ge "$1" ]; }
+wait_for 120 "the writer's first records" writing 10
 kx app-ext4 'echo before >/data/before && sync /data/before'
 kubectl apply -f - >/dev/null <<EOF
 apiVersion: snapshot.storage.k8s.io/v1
@@ -246,8 +249,15 @@ pod app-restored restored 'sleep 1000000'
 running app-restored || fail "app-restored not running"
 kx app-restored 'test -f /data/before' || fail "the restored volume lacks /data/before"
 ! kx app-restored 'test -e /data/after' || fail "the restored volume has /data/after, written after the snapshot"
-kx app-restored 'test -s /data/log' || fail "the restored volume has no writer log"
-pass "restored: before present, after absent, the writer's log at $(kx app-restored 'cat /data/last') records"
+# records N POD: the first N records of POD's /data/log that are not
+# what the writer wrote (empty when all are intact).
+records() {
+	kx "$2" "i=1; while [ \$i -le $1 ]; do r=\$(dd if=/data/log bs=64 skip=\$((i-1)) count=1 2>/dev/null | cut -d' ' -f1-2); [ \"\$r\" = \"rec \$i\" ] || echo \$i; i=\$((i+1)); done | head -5"
+}
+n=$(kx app-restored 'cat /data/last')
+bad=$(records "$n" app-restored)
+[ -z "$bad" ] || fail "records of the restored writer log are wrong: $bad"
+pass "restored: before present, after absent, the writer's $n records up to the snapshot intact"
 
 step "a clone PVC (dataSource: the ext4 PVC) in a new Pod sees the source's files"
 pvc clone 1Gi csi-qcow2 "  dataSource: {kind: PersistentVolumeClaim, name: data-ext4}"
@@ -296,7 +306,7 @@ kubectl delete pod app-ext4 --wait=true >/dev/null
 pod app-ext4 data-ext4 'sleep 1000000'
 running app-ext4 || fail "app-ext4 not running again"
 n=$(kx app-ext4 'cat /data/last')
-bad=$(kx app-ext4 "i=1; while [ \$i -le $n ]; do r=\$(dd if=/data/log bs=64 skip=\$((i-1)) count=1 2>/dev/null | cut -d' ' -f1-2); [ \"\$r\" = \"rec \$i\" ] || echo \$i; i=\$((i+1)); done | head -5")
+bad=$(records "$n" app-ext4)
 [ -z "$bad" ] || fail "fsynced records lost or wrong: $bad"
 pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write"
 
@@ -311,13 +321,15 @@ parameters: {noSuchParameter: "1"}
 EOF
 pvc bad-param 64Mi csi-qcow2-bad
 pod app-bad-param bad-param 'sleep 1'
-ev_has() { kubectl get events --field-selector "involvedObject.name=$1" -o jsonpath='{.items[*].message}' | grep -q "$2"; }
-wait_for 180 "a ProvisioningFailed event naming noSuchParameter" ev_has bad-param noSuchParameter
+# event OBJECT REASON: the messages of OBJECT's events of REASON.
+event() { kubectl get events --field-selector "involvedObject.name=$1,reason=$2" -o jsonpath='{.items[*].message}'; }
+ev_has() { event "$1" "$2" | grep -q "$3"; }
+wait_for 180 "a ProvisioningFailed event naming noSuchParameter" ev_has bad-param ProvisioningFailed noSuchParameter
 pvc too-big 100Ti
 pod app-too-big too-big 'sleep 1'
-wait_for 180 "a FailedScheduling event about storage capacity" ev_has app-too-big 'enough free storage'
+wait_for 180 "a FailedScheduling event about storage capacity" ev_has app-too-big FailedScheduling 'enough free storage'
 [ "$(kubectl get pvc too-big -o jsonpath='{.status.phase}')" = Pending ] || fail "pvc/too-big is not Pending"
-pass "bad-param: $(kubectl get events --field-selector involvedObject.name=bad-param -o jsonpath='{.items[0].message}' | cut -c1-120); too-big: Pending, $(kubectl get events --field-selector involvedObject.name=app-too-big -o jsonpath='{.items[0].message}' | cut -c1-100)"
+pass "bad-param: $(event bad-param ProvisioningFailed | grep -o 'desc = [^(]*' | head -1); too-big: Pending, $(event app-too-big FailedScheduling | cut -c1-80)"
 
 step "delete everything: volumes unpublished and unstaged, no /dev/nbdX connected, data dir empty"
 kubectl delete pod --all --wait=true >/dev/null
@@ -333,9 +345,12 @@ left=$(dx 'find /var/lib/csi-qcow2 -type f; find /var/lib/kubelet/pods -path "*c
 [ -z "$left" ] || fail "left behind: $left"
 staged=$(dx 'grep -c "/var/lib/kubelet/plugins/kubernetes.io/csi" /proc/mounts || true')
 [ "$staged" = 0 ] || fail "$staged staging mounts left"
+dx 'dmesg' >"$work/dmesg.txt"
+! grep -E 'EXT4-fs error|XFS .*(error|Corruption)|Remounting filesystem read-only|Aborting journal' "$work/dmesg.txt" ||
+	fail "the node's kernel log shows filesystem errors (above)"
 kubectl delete -f "$work/deploy.yaml" --wait=true --timeout=120s >/dev/null
 kubectl delete -k deploy/kubernetes/snapshot-controller --wait=true --timeout=120s >/dev/null
-pass "no PV, no snapshot content, no connected nbd device, no staging mount, nothing in the data dir"
+pass "no PV, no snapshot content, no connected nbd device, no staging mount, nothing in the data dir, no filesystem error in dmesg"
 
 echo "k8s-pods: $passed/$steps steps passed"
 [ "$passed" = "$steps" ]
