@@ -55,24 +55,7 @@ mkdir -p "$data" "$logs"
 
 # shellcheck source=hack/lib/cluster.sh
 . hack/lib/cluster.sh
-on_exit() {
-	local rc=$?
-	if [ $rc -ne 0 ]; then
-		echo
-		echo "e2e-k8s failed (rc=$rc); last lines of each log ($logs):"
-		for f in "$logs"/*.log; do
-			echo "--- $(basename "$f")"
-			tail -n 15 "$f"
-		done
-	fi
-	cluster_stop
-	if [ "${KEEP:-}" = 1 ] || [ $rc -ne 0 ]; then
-		echo "work dir kept: $work"
-	else
-		rm -rf "$work"
-	fi
-	echo "e2e-k8s: wall time $((SECONDS - t0)) s"
-}
+on_exit() { cluster_finish e2e-k8s $?; }
 trap on_exit EXIT
 
 if [ -n "${CSI_QCOW2_BIN:-}" ]; then

@@ -65,25 +65,15 @@ mkdir -p "$logs" "$run"
 on_exit() {
 	local rc=$?
 	if [ $rc -ne 0 ]; then
-		echo
-		echo "e2e-pods failed (rc=$rc) in step $steps ($step_title); last lines of each log:"
-		for f in "$logs"/*.log "$run"/*.log; do
-			[ -f "$f" ] || continue
-			echo "--- $(basename "$f")"
-			tail -n 25 "$f"
-		done
+		echo "e2e-pods: step $steps failed: $step_title"
 		kubectl get pods -A -o wide 2>/dev/null || true
 		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
 	fi
+	# The guest powers off when asked (kubelet and containerd stopped
+	# first); cluster_stop kills it if it has not.
 	[ -d "$run" ] && touch "$run/stop"
 	[ -n "${guest_pid:-}" ] && { for _ in $(seq 20); do kill -0 "$guest_pid" 2>/dev/null || break; sleep 0.5; done; }
-	cluster_stop
-	if [ "${KEEP:-}" = 1 ] || [ $rc -ne 0 ]; then
-		echo "work dir kept: $work"
-	else
-		rm -rf "$work"
-	fi
-	echo "e2e-pods: wall time $((SECONDS - t0)) s"
+	cluster_finish e2e-pods $rc "$run"/*.log
 }
 trap on_exit EXIT
 
@@ -194,21 +184,25 @@ pod() {
 		    persistentVolumeClaim: {claimName: $2}
 	EOF
 }
+# storageclass NAME PARAMETERS: one of ours, as a user would add it.
+storageclass() {
+	kubectl apply -f - >/dev/null <<-EOF
+		apiVersion: storage.k8s.io/v1
+		kind: StorageClass
+		metadata: {name: $1}
+		provisioner: $driver_name
+		volumeBindingMode: WaitForFirstConsumer
+		allowVolumeExpansion: true
+		parameters: $2
+	EOF
+}
 running() { kubectl wait --for=condition=Ready --timeout="${2:-300}s" pod/"$1" >/dev/null; }
 kx() { kubectl exec "$1" -- sh -c "$2"; }
 busybox=$(awk '$1 ~ /busybox/ {print $1; exit}' "$list")
 [ -n "$busybox" ] || fail "no busybox image in $list"
 
 step "an ext4 PVC and an xfs PVC in running Pods: write files, fsync, fsGroup applied"
-kubectl apply -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: csi-qcow2-xfs}
-provisioner: $driver_name
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-parameters: {csi.storage.k8s.io/fstype: xfs}
-EOF
+storageclass csi-qcow2-xfs '{csi.storage.k8s.io/fstype: xfs}'
 pvc data-ext4 1Gi
 pvc data-xfs 512Mi csi-qcow2-xfs
 writer='i=0; while :; do i=$((i+1)); echo "rec $i $(date +%s)" >/data/rec.tmp && dd if=/data/rec.tmp of=/data/log bs=64 count=1 seek=$((i-1)) conv=notrunc,fsync 2>/dev/null || { echo "WRITE-ERROR at $i"; exit 1; }; echo "$i" >/data/last.tmp; mv /data/last.tmp /data/last; sleep 0.2; done'
@@ -311,14 +305,7 @@ bad=$(records "$n" app-ext4)
 pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write"
 
 step "refused and unschedulable PVCs get clear events"
-kubectl apply -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: csi-qcow2-bad}
-provisioner: $driver_name
-volumeBindingMode: WaitForFirstConsumer
-parameters: {noSuchParameter: "1"}
-EOF
+storageclass csi-qcow2-bad '{noSuchParameter: "1"}'
 pvc bad-param 64Mi csi-qcow2-bad
 pod app-bad-param bad-param 'sleep 1'
 # event OBJECT REASON: the messages of OBJECT's events of REASON.

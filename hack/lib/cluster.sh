@@ -22,6 +22,11 @@
 #   cluster_controller_manager [ARGS...]   (admin kubeconfig)
 #   cluster_scheduler [ARGS...]
 #   wait_for SECONDS WHAT CMD...  until CMD succeeds, else fail
+#   cluster_finish NAME RC [LOG...]
+#                                the end of a run (from the EXIT trap): on
+#                                failure the tail of every log, then
+#                                cluster_stop; the work dir is kept on
+#                                failure or with KEEP=1
 
 cluster_pids=()
 start() { # start NAME CMD...: CMD in the background, log in $logs/NAME.log
@@ -41,6 +46,27 @@ cluster_stop() {
 		kill -9 "${cluster_pids[i]}" 2>/dev/null || true
 	done
 	wait 2>/dev/null || true
+}
+
+cluster_finish() {
+	local name=$1 rc=$2 f
+	shift 2
+	if [ "$rc" -ne 0 ]; then
+		echo
+		echo "$name failed (rc=$rc); last lines of each log:"
+		for f in "$logs"/*.log "$@"; do
+			[ -f "$f" ] || continue
+			echo "--- $(basename "$f")"
+			tail -n 20 "$f"
+		done
+	fi
+	cluster_stop
+	if [ "${KEEP:-}" = 1 ] || [ "$rc" -ne 0 ]; then
+		echo "work dir kept: $work"
+	else
+		rm -rf "$work"
+	fi
+	echo "$name: wall time $((SECONDS - t0)) s"
 }
 
 wait_for() {
