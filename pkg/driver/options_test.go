@@ -7,11 +7,7 @@ import (
 )
 
 func TestOptionsValidateNBD(t *testing.T) {
-	tests := []struct {
-		name    string
-		edit    func(*Options)
-		wantErr string // "" for valid
-	}{
+	tests := []validateCase{
 		{"defaults", func(*Options) {}, ""},
 		{"io timeout off", func(o *Options) { o.NBDIOTimeout = 0 }, ""},
 		{"several connections", func(o *Options) { o.NBDConnections = 4 }, ""},
@@ -20,17 +16,7 @@ func TestOptionsValidateNBD(t *testing.T) {
 		{"io timeout not in milliseconds", func(o *Options) { o.NBDIOTimeout = time.Second + time.Microsecond }, "--nbd-io-timeout"},
 		{"negative connections", func(o *Options) { o.NBDConnections = -1 }, "must not be negative"},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			o := DefaultOptions()
-			o.NodeID, o.DataDir = "n1", "/data"
-			tc.edit(&o)
-			err := o.Validate()
-			if (err == nil) != (tc.wantErr == "") || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
-				t.Errorf("Validate = %v, want %q", err, tc.wantErr)
-			}
-		})
-	}
+	runValidateCases(t, tests)
 }
 
 // TestNBDAttachOptions: no command timeout ever; the short request timer
@@ -50,5 +36,28 @@ func TestNBDAttachOptions(t *testing.T) {
 		if err := got.Validate(); err != nil {
 			t.Errorf("%d connections: %v", tc.conns, err)
 		}
+	}
+}
+
+// validateCase edits DefaultOptions (with a node ID and data dir) and
+// names the error Validate must give, "" for none.
+type validateCase struct {
+	name    string
+	edit    func(*Options)
+	wantErr string
+}
+
+func runValidateCases(t *testing.T, tests []validateCase) {
+	t.Helper()
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o := DefaultOptions()
+			o.NodeID, o.DataDir = "n1", "/data"
+			tc.edit(&o)
+			err := o.Validate()
+			if (err == nil) != (tc.wantErr == "") || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Errorf("Validate = %v, want %q", err, tc.wantErr)
+			}
+		})
 	}
 }

@@ -19,11 +19,7 @@ import (
 
 func TestOptionsValidateRegistration(t *testing.T) {
 	const kubeletPath = "/var/lib/kubelet/plugins/" + DefaultDriverName + "/csi.sock"
-	tests := []struct {
-		name    string
-		edit    func(*Options)
-		wantErr string // "" for valid
-	}{
+	tests := []validateCase{
 		{"off", func(*Options) {}, ""},
 		{"on", func(o *Options) { o.PluginRegistrationDir, o.KubeletRegistrationPath = "/registration", kubeletPath }, ""},
 		{"node mode", func(o *Options) {
@@ -49,17 +45,7 @@ func TestOptionsValidateRegistration(t *testing.T) {
 			o.PluginRegistrationDir, o.KubeletRegistrationPath, o.Mode = "/registration", kubeletPath, ModeController
 		}, "--mode controller"},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			o := DefaultOptions()
-			o.NodeID, o.DataDir = "n1", "/data"
-			tc.edit(&o)
-			err := o.Validate()
-			if (err == nil) != (tc.wantErr == "") || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
-				t.Errorf("Validate = %v, want %q", err, tc.wantErr)
-			}
-		})
-	}
+	runValidateCases(t, tests)
 
 	t.Run("relative dir made absolute", func(t *testing.T) {
 		o := DefaultOptions()
