@@ -9,7 +9,7 @@
 # seed that `go test ./...` replays from then on.
 #
 # Environment:
-#   FUZZTIME  go test -fuzztime per target (default 8s: the nine targets and
+#   FUZZTIME  go test -fuzztime per target (default 8s: the ten targets and
 #             their builds take ~1.5 min on 2 cores)
 #   FUZZ      regexp selecting targets by name (default: all)
 #   PKGS      packages to search (default ./...)
