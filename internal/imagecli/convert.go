@@ -29,10 +29,12 @@ OUTPUT_FMT defaults to raw, as in qemu-img; -o takes create's options
 snapshot.name=NAME, snapshot.id=ID or a bare id or name (id first); DST
 gets the snapshot's virtual size.
 -c compresses every cluster of a qcow2 DST that compression shrinks, as
-qemu-img convert -c does (zlib).
+qemu-img convert -c does, with DST's compression_type: zlib unless
+-o compression_type=zstd.
 
 Example:
   csi-qcow2 image convert -O qcow2 -o cluster_size=64k disk.raw disk.qcow2
+  csi-qcow2 image convert -c -O qcow2 -o compression_type=zstd disk.raw disk.qcow2
 `,
 		new: func() subcommand { return &convertCmd{} },
 	}

@@ -24,11 +24,13 @@ SIZE may be omitted with -b: the backing file's size is used. A relative
 BACKING is recorded as given and resolved from FILE's directory.
 
 qcow2 -o options (see -o help): cluster_size, refcount_bits,
-lazy_refcounts, backing_file, backing_fmt, size; compat=1.1,
-compression_type=zlib, extended_l2=off and preallocation=off are accepted.
+lazy_refcounts, compression_type (zlib or zstd: how convert -c compresses
+clusters), backing_file, backing_fmt, size; compat=1.1, extended_l2=off and
+preallocation=off are accepted.
 
 Example:
   csi-qcow2 image create -f qcow2 -o cluster_size=64k,lazy_refcounts=on disk.qcow2 10G
+  csi-qcow2 image create -f qcow2 -o compression_type=zstd disk.qcow2 10G
 ` + sizeHelp,
 		new: func() subcommand { return &createCmd{} },
 	}

@@ -28,6 +28,9 @@ func TestCreateQcow2(t *testing.T) {
 		{"size in -o", []string{"-o", "size=2M", "FILE"},
 			"Formatting '%s', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size=2097152 lazy_refcounts=off refcount_bits=16\n",
 			qcow2.Info{VirtualSize: 2 << 20, ClusterSize: 65536, RefcountBits: 16}},
+		{"zstd", []string{"-o", "compression_type=zstd", "FILE", "1M"},
+			"Formatting '%s', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zstd size=1048576 lazy_refcounts=off refcount_bits=16\n",
+			qcow2.Info{VirtualSize: 1 << 20, ClusterSize: 65536, RefcountBits: 16, CompressionType: "zstd"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -47,11 +50,18 @@ func TestCreateQcow2(t *testing.T) {
 			got := imageInfoOf(t, path)
 			if got.VirtualSize != tt.want.VirtualSize || got.ClusterSize != tt.want.ClusterSize ||
 				got.RefcountBits != tt.want.RefcountBits || got.LazyRefcounts != tt.want.LazyRefcounts ||
-				got.Version != 3 || got.Dirty || got.Corrupt {
+				got.Version != 3 || got.Dirty || got.Corrupt || got.CompressionType != orZlib(tt.want.CompressionType) {
 				t.Fatalf("info %+v, want %+v", got, tt.want)
 			}
 		})
 	}
+}
+
+func orZlib(s string) string {
+	if s == "" {
+		return "zlib"
+	}
+	return s
 }
 
 func TestCreateRaw(t *testing.T) {
@@ -157,6 +167,9 @@ func TestCreateErrors(t *testing.T) {
 		{"raw with backing", []string{"-f", "raw", "-b", "base.qcow2", "-F", "qcow2", out, "1M"}, "raw images cannot have a backing file"},
 		{"missing directory", []string{filepath.Join(dir, "no", "such", "x.qcow2"), "1M"}, "no such file or directory"},
 		{"v2", []string{"-o", "compat=0.10", out, "1M"}, "unsupported"},
+		{"v2 zstd", []string{"-o", "compat=0.10,compression_type=zstd", out, "1M"}, "only supported with compatibility level 1.1"},
+		{"zstd v2", []string{"-o", "compression_type=zstd", "-o", "compat=v2", out, "1M"}, "only supported with compatibility level 1.1"},
+		{"unknown compression", []string{"-o", "compression_type=lz4", out, "1M"}, "supported: zlib, zstd"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

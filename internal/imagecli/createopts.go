@@ -25,7 +25,9 @@ type createOptions struct {
 	compress bool
 	size     int64
 	hasSize  bool
-	qcow2    qcow2.CreateOptions // size is copied in at creation
+	// compat is the -o compat value as given; "" means the default, 1.1.
+	compat string
+	qcow2  qcow2.CreateOptions // size is copied in at creation
 }
 
 // option is one -o key: its help line and how to apply a value. Options are
@@ -54,10 +56,22 @@ func qcow2Options() []option {
 			return err
 		}},
 		{"compat", "str", "Compatibility level: only v3 (1.1) is supported", func(o *createOptions, v string) error {
-			return requireValue(v, "1.1", "v3")
+			if err := requireValue(v, "1.1", "v3", "0.10", "v2"); err != nil {
+				return err
+			}
+			o.compat = v // judged with compression_type once all are read
+			return nil
 		}},
-		{"compression_type", "str", "Compression method: only zlib is supported", func(o *createOptions, v string) error {
-			return requireValue(v, "zlib")
+		{"compression_type", "str", "Compression method used for compressed clusters (zlib or zstd)", func(o *createOptions, v string) error {
+			switch v {
+			case "zlib":
+				o.qcow2.CompressionType = qcow2.CompressionZlib
+			case "zstd":
+				o.qcow2.CompressionType = qcow2.CompressionZstd
+			default:
+				return requireValue(v, "zlib", "zstd")
+			}
+			return nil
 		}},
 		{"extended_l2", "bool (on/off)", "Extended L2 tables: only off is supported", func(o *createOptions, v string) error {
 			on, err := parseBool(v)
@@ -157,7 +171,22 @@ func parseCreateOptions(format string, args []string) (createOptions, error) {
 			}
 		}
 	}
-	return o, nil
+	return o, o.checkCompat()
+}
+
+// checkCompat judges -o compat against the options that need v3, whatever
+// their order, as qemu-img does: only v3 (compat=1.1) images are created,
+// and a non-zlib compression type is refused first, in QEMU's words.
+func (o *createOptions) checkCompat() error {
+	if o.compat != "0.10" && o.compat != "v2" {
+		return nil
+	}
+	if o.qcow2.CompressionType != qcow2.CompressionZlib {
+		return fmt.Errorf("option compat=%s: non-zlib compression type (compression_type=%s) is only supported "+
+			"with compatibility level 1.1 and above (use compat=1.1): %w",
+			o.compat, compressionName(o.qcow2.CompressionType), qcow2.ErrInvalid)
+	}
+	return fmt.Errorf("option compat: %q (supported: 1.1, v3): %w", o.compat, qcow2.ErrUnsupported)
 }
 
 func applyOption(o *createOptions, known []option, key, value string) error {
@@ -230,8 +259,8 @@ func (o createOptions) formattingLine(path string) string {
 	}
 	q := o.qcow2
 	var b strings.Builder
-	fmt.Fprintf(&b, "Formatting '%s', fmt=qcow2 cluster_size=%d extended_l2=off compression_type=zlib size=%d",
-		path, orDefault(q.ClusterSize, 65536), o.size)
+	fmt.Fprintf(&b, "Formatting '%s', fmt=qcow2 cluster_size=%d extended_l2=off compression_type=%s size=%d",
+		path, orDefault(q.ClusterSize, 65536), compressionName(q.CompressionType), o.size)
 	if q.BackingFile != "" {
 		fmt.Fprintf(&b, " backing_file=%s", q.BackingFile)
 	}
@@ -240,6 +269,13 @@ func (o createOptions) formattingLine(path string) string {
 	}
 	fmt.Fprintf(&b, " lazy_refcounts=%s refcount_bits=%d", onOff(q.LazyRefcounts), orDefault(q.RefcountBits, 16))
 	return b.String()
+}
+
+func compressionName(t uint8) string {
+	if t == qcow2.CompressionZstd {
+		return "zstd"
+	}
+	return "zlib"
 }
 
 func orDefault(v, def int) int {

@@ -61,7 +61,14 @@ func TestParseCreateOptions(t *testing.T) {
 		{name: "bad refcount bits", format: "qcow2", args: []string{"refcount_bits=x"}, wantErr: qcow2.ErrInvalid},
 		{name: "bad bool", format: "qcow2", args: []string{"lazy_refcounts=maybe"}, wantErr: errAny},
 		{name: "compat v2", format: "qcow2", args: []string{"compat=0.10"}, wantErr: qcow2.ErrUnsupported},
-		{name: "zstd", format: "qcow2", args: []string{"compression_type=zstd"}, wantErr: qcow2.ErrUnsupported},
+		{name: "zstd", format: "qcow2", args: []string{"compression_type=zstd"}, want: qcow2.CreateOptions{CompressionType: qcow2.CompressionZstd}},
+		{name: "zstd then zlib", format: "qcow2", args: []string{"compression_type=zstd", "compression_type=zlib"}},
+		{name: "zstd v3", format: "qcow2", args: []string{"compat=1.1,compression_type=zstd"}, want: qcow2.CreateOptions{CompressionType: qcow2.CompressionZstd}},
+		{name: "compat v2 zstd", format: "qcow2", args: []string{"compat=0.10,compression_type=zstd"}, wantErr: qcow2.ErrInvalid},
+		{name: "zstd compat v2", format: "qcow2", args: []string{"compression_type=zstd", "compat=v2"}, wantErr: qcow2.ErrInvalid},
+		{name: "compat v2 zstd then zlib", format: "qcow2", args: []string{"compat=0.10,compression_type=zstd,compression_type=zlib"}, wantErr: qcow2.ErrUnsupported},
+		{name: "unknown compression", format: "qcow2", args: []string{"compression_type=lz4"}, wantErr: qcow2.ErrUnsupported},
+		{name: "unknown compat", format: "qcow2", args: []string{"compat=2.0"}, wantErr: qcow2.ErrUnsupported},
 		{name: "extended l2", format: "qcow2", args: []string{"extended_l2=on"}, wantErr: qcow2.ErrUnsupported},
 		{name: "preallocation", format: "qcow2", args: []string{"preallocation=full"}, wantErr: qcow2.ErrUnsupported},
 		{name: "help", format: "qcow2", args: []string{"cluster_size=4k,help"}, wantErr: errOptionsHelp},
@@ -99,6 +106,8 @@ func TestFormattingLine(t *testing.T) {
 			"Formatting 'x.qcow2', fmt=qcow2 cluster_size=4096 extended_l2=off compression_type=zlib size=10485760 lazy_refcounts=on refcount_bits=8"},
 		{"backing", createOptions{format: "qcow2", size: 1 << 30, qcow2: qcow2.CreateOptions{BackingFile: "a.qcow2", BackingFormat: "qcow2"}},
 			"Formatting 'x.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size=1073741824 backing_file=a.qcow2 backing_fmt=qcow2 lazy_refcounts=off refcount_bits=16"},
+		{"zstd", createOptions{format: "qcow2", size: 1 << 20, qcow2: qcow2.CreateOptions{CompressionType: qcow2.CompressionZstd}},
+			"Formatting 'x.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zstd size=1048576 lazy_refcounts=off refcount_bits=16"},
 		{"raw", createOptions{format: "raw", size: 1 << 20}, "Formatting 'x.qcow2', fmt=raw size=1048576"},
 	}
 	for _, tt := range tests {
@@ -111,7 +120,7 @@ func TestFormattingLine(t *testing.T) {
 }
 
 func TestOptionsHelp(t *testing.T) {
-	for _, key := range []string{"cluster_size=<size>", "refcount_bits=<num>", "lazy_refcounts=<bool (on/off)>", "backing_file=<str>", "size=<size>"} {
+	for _, key := range []string{"cluster_size=<size>", "refcount_bits=<num>", "lazy_refcounts=<bool (on/off)>", "backing_file=<str>", "size=<size>", "(zlib or zstd)"} {
 		if !strings.Contains(optionsHelp("qcow2"), key) {
 			t.Errorf("qcow2 options help lacks %q", key)
 		}

@@ -87,6 +87,8 @@ func TestInteropCreate(t *testing.T) {
 		{"small clusters", []string{"-o", "cluster_size=4k,refcount_bits=8,lazy_refcounts=on", "10M"}},
 		{"big clusters", []string{"-o", "cluster_size=2M,refcount_bits=64", "100G"}},
 		{"odd size", []string{"-o", "refcount_bits=1", "1000"}},
+		{"zstd", []string{"-o", "compression_type=zstd", "1G"}},
+		{"zstd small clusters", []string{"-o", "compression_type=zstd,cluster_size=512,lazy_refcounts=on", "3M"}},
 		{"raw", []string{"-f", "raw", "3M"}},
 	}
 	for _, tt := range tests {
@@ -95,6 +97,13 @@ func TestInteropCreate(t *testing.T) {
 			args := append([]string{"create"}, tt.args[:len(tt.args)-1]...)
 			r := runCLI(t, append(args, path, tt.args[len(tt.args)-1])...)
 			r.expect(t, 0, "Formatting '"+path+"'", "")
+			qpath := tempPath(t, "q.img")
+			qargs := []string{"create", "-f", "qcow2"} // qemu-img's default is raw; a later -f wins
+			qargs = append(qargs, tt.args[:len(tt.args)-1]...)
+			qline := mustQemu(t, "qemu-img", append(qargs, qpath, tt.args[len(tt.args)-1])...)
+			if want := strings.ReplaceAll(qline, qpath, path); r.stdout != want {
+				t.Errorf("Formatting line\nours %q\nqemu %q", r.stdout, want)
+			}
 			theirs := mustQemu(t, "qemu-img", "info", "--output=json", path)
 			ours := runCLI(t, "info", "--output=json", path)
 			sameJSON(t, "info", ours.stdout, theirs)

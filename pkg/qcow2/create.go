@@ -102,8 +102,16 @@ func newHeader(opts CreateOptions, clusterBits, order uint) *header {
 	if opts.LazyRefcounts {
 		h.compatible |= compatLazyRefcounts
 	}
-	if _, err := h.encode(); err != nil {
-		h.featureTable = nil // small clusters: drop the optional name table
+	if opts.CompressionType != CompressionZlib {
+		// As QEMU does: only a non-default type sets the incompatible bit.
+		h.compressionType = opts.CompressionType
+		h.incompatible |= incompatCompression
+	}
+	if clusterBits <= 12 {
+		// Like qemu-img create (checked against 7.2): clusters of 4 KiB and
+		// less get no optional feature name table, leaving cluster 0 as
+		// QEMU's byte for byte.
+		h.featureTable = nil
 	}
 	return h
 }

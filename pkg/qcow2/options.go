@@ -24,6 +24,12 @@ type CreateOptions struct {
 	// for unallocated clusters. They are recorded as given.
 	BackingFile   string
 	BackingFormat string
+	// CompressionType is CompressionZlib (the zero value) or CompressionZstd:
+	// how compressed clusters (WriteCompressed) are compressed. zstd is
+	// recorded as QEMU records it: header byte 104 set to 1 and the
+	// "compression type" incompatible feature bit, so readers that only
+	// know zlib refuse the image.
+	CompressionType uint8
 	// Perm is the permission of the new file; 0 means 0600.
 	Perm os.FileMode
 }
@@ -55,6 +61,9 @@ func (o *CreateOptions) normalize() error {
 	case "", "qcow2", "raw":
 	default:
 		return fmt.Errorf("backing format %q (want qcow2 or raw): %w", o.BackingFormat, ErrInvalid)
+	}
+	if o.CompressionType != CompressionZlib && o.CompressionType != CompressionZstd {
+		return fmt.Errorf("compression type %d (want zlib or zstd): %w", o.CompressionType, ErrInvalid)
 	}
 	if o.Perm == 0 {
 		o.Perm = 0o600

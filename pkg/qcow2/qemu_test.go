@@ -134,10 +134,11 @@ type qemuInfo struct {
 	DirtyFlag      bool  `json:"dirty-flag"`
 	FormatSpecific struct {
 		Data struct {
-			Compat        string `json:"compat"`
-			LazyRefcounts bool   `json:"lazy-refcounts"`
-			RefcountBits  int    `json:"refcount-bits"`
-			Corrupt       bool   `json:"corrupt"`
+			Compat          string `json:"compat"`
+			CompressionType string `json:"compression-type"`
+			LazyRefcounts   bool   `json:"lazy-refcounts"`
+			RefcountBits    int    `json:"refcount-bits"`
+			Corrupt         bool   `json:"corrupt"`
 		} `json:"data"`
 	} `json:"format-specific"`
 }
