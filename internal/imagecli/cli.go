@@ -44,7 +44,7 @@ type spec struct {
 }
 
 func specs() []spec {
-	return []spec{createSpec(), infoSpec(), checkSpec(), resizeSpec(), convertSpec(), snapshotSpec(), serveSpec(), mapSpec()}
+	return []spec{createSpec(), infoSpec(), checkSpec(), resizeSpec(), convertSpec(), snapshotSpec(), serveSpec(), mapSpec(), extentsSpec()}
 }
 
 func lookup(name string) (spec, bool) {

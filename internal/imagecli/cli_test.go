@@ -39,7 +39,7 @@ func TestHelp(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"--help"}, []string{"Usage: csi-qcow2 image COMMAND", "create", "info", "check", "resize", "convert", "serve", "map", "SIZE is"}},
+		{[]string{"--help"}, []string{"Usage: csi-qcow2 image COMMAND", "create", "info", "check", "resize", "convert", "serve", "map", "extents", "SIZE is"}},
 		{[]string{"-h"}, []string{"Usage: csi-qcow2 image COMMAND"}},
 		{[]string{"help"}, []string{"Usage: csi-qcow2 image COMMAND"}},
 		{[]string{"help", "check"}, []string{"Usage: csi-qcow2 image check", "--repair", "63"}},

@@ -24,12 +24,34 @@ type allocationMap interface {
 	Allocated(off, length int64) (allocated bool, n int64, err error)
 }
 
-// sourceMap returns the allocation map of src, or nil when none is known
-// to be safe: a qcow2 image with a backing file reads unallocated clusters
-// from the backing file, so they are not zeros.
+// extentLister is what qcow2 images and snapshot views answer: their
+// extents through the backing chain (qcow2.Image.Extents).
+type extentLister interface {
+	Extents(off, length int64) ([]qcow2.Extent, error)
+}
+
+var (
+	_ extentLister = (*qcow2.Image)(nil)
+	_ extentLister = (*qcow2.SnapshotView)(nil)
+)
+
+// extentMap is the allocation map of a qcow2 source: a run that reads as
+// zeros (zero clusters, and clusters no layer of the chain allocates) is
+// skipped unread; anything else, compressed clusters included, is read.
+type extentMap struct{ extentLister }
+
+func (m extentMap) Allocated(off, length int64) (bool, int64, error) {
+	ext, err := m.Extents(off, length)
+	if err != nil || len(ext) == 0 {
+		return true, length, err
+	}
+	return !ext[0].Zero, ext[0].Length, nil
+}
+
+// sourceMap returns the allocation map of src, or nil when none is known.
 func sourceMap(src disk) allocationMap {
-	if img, ok := src.(*qcow2.Image); ok && img.Info().BackingFile != "" {
-		return nil
+	if l, ok := src.(extentLister); ok {
+		return extentMap{l}
 	}
 	m, _ := src.(allocationMap)
 	return m
