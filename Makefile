@@ -75,3 +75,10 @@ e2e-k8s:
 .PHONY: e2e-pods
 e2e-pods:
 	hack/e2e-pods.sh
+
+# Kubernetes' external storage e2e suite (k8s.io/kubernetes test/e2e/storage/
+# external, hack/e2e-storage/driver.yaml) on the node of e2e-pods; not part
+# of make test. FOCUS=regexp narrows it (hack/e2e-storage.sh).
+.PHONY: e2e-storage
+e2e-storage:
+	hack/e2e-storage.sh

@@ -29,10 +29,24 @@
 # pages, locales), no recommends, and apt's lists and caches dropped. The
 # mirrors are the host apt's Debian ones, the only ones reachable here.
 #
+# With E2E_IMAGES=1 (hack/e2e-storage.sh), also the images Kubernetes' e2e
+# storage tests run, under the names and tags its test/utils/image/
+# manifest.go (k8s.io/kubernetes@$K8S_VERSION, read from the module cache)
+# gives them, so no KUBE_TEST_REPO_LIST is needed:
+#
+#   registry.k8s.io/e2e-test-images/busybox:<BusyBox>  the busybox above
+#   registry.k8s.io/e2e-test-images/agnhost:<Agnhost>  busybox + /agnhost,
+#       built from the same module by `hack/k8s-build.sh e2e` (subPath)
+#   registry.k8s.io/e2e-test-images/nginx:<Nginx>, .../glibc-dns-testing:
+#       <GlibcDnsTesting>  the busybox again: the storage tests only run
+#       sh scripts in them (volumes' exec test, multiVolume's pods)
+#   registry.k8s.io/pause:<Pause>  the pause above, under the suite's tag
+#
 # Usage: hack/build-images.sh [--require-sidecars]
 #   --require-sidecars  fail, instead of skipping, when the binary of a sidecar
 #                       k8s-build.sh builds is missing (or REQUIRE_SIDECARS=1)
 # Env: IMAGES_CACHE_DIR, IMAGE_TAG, K8S_CACHE_DIR (hack/k8s-build.sh's),
+#   E2E_IMAGES=1 and K8S_VERSION (default v1.37.1) for the e2e images,
 #   VERSION (driver.Version; default the Dockerfile's ARG), SOURCE_DATE_EPOCH
 #   (every mtime; default 2024-01-01), DEBIAN_SOURCES (one-line "deb URI
 #   SUITE main" entries, instead of the host's), DEBIAN_REFRESH=1 (fetch
@@ -294,12 +308,61 @@ sidecar_images() {
 	done
 }
 
+# --- the e2e suite's images (E2E_IMAGES=1) -----------------------------------
+
+# e2e_tag ID: the tag manifest.go's initImageConfigs gives image ID.
+e2e_tag() {
+	local tag
+	tag=$(sed -n 's/^[[:space:]]*configs\['"$1"'\] = Config{list\.[A-Za-z0-9]*, "[^"]*", "\([^"]*\)"}.*/\1/p' "$e2e_manifest")
+	[ -n "$tag" ] || die "no configs[$1] in $e2e_manifest"
+	echo "$tag"
+}
+
+stage_agnhost() {
+	local s=$work/stage/agnhost
+	stage_busybox
+	rm -rf "$s"
+	cp -a "$work/stage/busybox" "$s"
+	install -m 0755 "$agnhost_bin" "$s/agnhost"
+	ln -s agnhost "$s/agnhost-2"
+	mkdir -p "$s/uploads"
+}
+
+e2e_images() {
+	local v=${K8S_VERSION:-v1.37.1} dir reg=registry.k8s.io/e2e-test-images id deb
+	dir=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	e2e_manifest=$dir/test/utils/image/manifest.go
+	[ -f "$e2e_manifest" ] || die "no test/utils/image/manifest.go in k8s.io/kubernetes@$v"
+	deb=$(ls "$work"/debs/busybox-static_*.deb)
+	local name tag
+	for id in BusyBox Nginx GlibcDnsTesting; do
+		name=busybox
+		case $id in Nginx) name=nginx ;; GlibcDnsTesting) name=glibc-dns-testing ;; esac
+		tag=$(e2e_tag $id)
+		image "$reg/$name:$tag" "$(sha "$deb")" stage_busybox -- \
+			-layer "$work/stage/busybox" \
+			-env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin -cmd '["sh"]'
+	done
+	tag=$(e2e_tag Agnhost)
+	agnhost_bin=$k8sbin/agnhost-$tag
+	[ -x "$agnhost_bin" ] || die "no $agnhost_bin: run hack/k8s-build.sh e2e"
+	static_go "$agnhost_bin"
+	image "$reg/agnhost:$tag" "$(sha "$deb" "$agnhost_bin")" stage_agnhost -- \
+		-layer "$work/stage/agnhost" \
+		-env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		-entrypoint '["/agnhost"]' -cmd '["pause"]'
+	tag=$(e2e_tag Pause)
+	image "registry.k8s.io/pause:$tag" "$(sha "$work/bin/pause")" stage_pause -- \
+		-layer "$work/stage/pause" -user 65535:65535 -entrypoint '["/pause"]'
+}
+
 gobuild "$work/bin/ociimage" ./hack/ociimage ""
 ociimage_key=$(sha "$work/bin/ociimage")
 pause_image
 busybox_image
 driver_image
 sidecar_images
+[ "${E2E_IMAGES:-0}" != 1 ] || e2e_images
 printf '%s\n' "${list[@]}" >"$cache/images.list.tmp"
 mv "$cache/images.list.tmp" "$cache/images.list"
 log "wrote $cache/images.list"

@@ -7,6 +7,9 @@
 #   kube-scheduler-v1.37.1 kubelet-v1.37.1 kubectl-v1.37.1 csi-provisioner-v6.3.0 csi-snapshotter-v8.7.0
 #   snapshot-controller-v8.7.0 csi-resizer-v2.3.0
 #
+# and, asked for by name only (hack/k8s-build.sh e2e), e2e-storage.test-v1.37.1
+# and agnhost-2.66.1 (hack/e2e-storage.sh).
+#
 # A binary that is already there is not rebuilt, so only the first run pays
 # (~25 min on 2 cores; GOCACHE and GOMODCACHE make a rebuild minutes).
 # Every build happens in a scratch module under the cache, never in the
@@ -15,7 +18,8 @@
 # provisioner and snapshotter have replace directives, so they are built
 # inside a copy of their own module source.
 #
-# Usage: hack/k8s-build.sh [name...]   (default: all)
+# Usage: hack/k8s-build.sh [name...]   (default: etcd kube provisioner
+# snapshotter resizer; e2e on request)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,42 +68,49 @@ build_etcd() {
 	mv "$bin/$out.tmp" "$bin/$out"
 }
 
+# kube_module: cd into the scratch module that requires k8s.io/kubernetes
+# (made on first use) and set ld, the -ldflags that stamp its version.
+kube_module() {
+	local d=$cache/src/kubernetes-$K8S_VERSION
+	local staging=v0.${K8S_VERSION#v1.}
+	mkdir -p "$d"
+	cd "$d"
+	if [ ! -f go.mod ]; then
+		local gomod
+		gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+		{
+			echo "module scratch/kubernetes"
+			echo
+			echo "go 1.26"
+			echo
+			echo "require k8s.io/kubernetes $K8S_VERSION"
+			echo
+			# k8s.io/X => ./staging/src/k8s.io/X  becomes  k8s.io/X => k8s.io/X v0.N.P
+			sed -n 's#^[[:space:]]*\(replace[[:space:]]\+\)\?\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\2#p' "$gomod" |
+				while read -r m; do echo "replace $m => $m $staging"; done
+		} >go.mod.tmp
+		mv go.mod.tmp go.mod
+	fi
+	local major=${K8S_VERSION#v} minor
+	minor=${major#*.}
+	minor=${minor%%.*}
+	major=${major%%.*}
+	ld="-s -w"
+	local p
+	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
+		ld+=" -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000"
+		ld+=" -X $p.buildDate=1970-01-01T00:00:00Z"
+	done
+}
+
 build_kube() {
 	local names=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl) n missing=0
 	for n in "${names[@]}"; do have "$n-$K8S_VERSION" || missing=1; done
 	[ $missing = 1 ] || return 0
 	log "building ${names[*]} $K8S_VERSION"
-	local d=$cache/src/kubernetes-$K8S_VERSION
-	local staging=v0.${K8S_VERSION#v1.}
-	mkdir -p "$d"
 	(
-		cd "$d"
-		if [ ! -f go.mod ]; then
-			local gomod
-			gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
-			{
-				echo "module scratch/kubernetes"
-				echo
-				echo "go 1.26"
-				echo
-				echo "require k8s.io/kubernetes $K8S_VERSION"
-				echo
-				# k8s.io/X => ./staging/src/k8s.io/X  becomes  k8s.io/X => k8s.io/X v0.N.P
-				sed -n 's#^[[:space:]]*\(replace[[:space:]]\+\)\?\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\2#p' "$gomod" |
-					while read -r m; do echo "replace $m => $m $staging"; done
-			} >go.mod.tmp
-			mv go.mod.tmp go.mod
-		fi
-		local major=${K8S_VERSION#v} minor
-		minor=${major#*.}
-		minor=${minor%%.*}
-		major=${major%%.*}
-		local ld="-s -w"
-		for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-			ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
-			ld+=" -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000"
-			ld+=" -X $p.buildDate=1970-01-01T00:00:00Z"
-		done
+		kube_module
 		local pkgs=()
 		for n in "${names[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$n@$K8S_VERSION"); done
 		go get "${pkgs[@]}"
@@ -109,6 +120,40 @@ build_kube() {
 			go build -trimpath -ldflags "$ld" -o "$bin/$n-$K8S_VERSION.tmp" "k8s.io/kubernetes/cmd/$n"
 			mv "$bin/$n-$K8S_VERSION.tmp" "$bin/$n-$K8S_VERSION"
 		done
+	)
+}
+
+# build_e2e (not in the default list): what hack/e2e-storage.sh runs.
+#   e2e-storage.test-$K8S_VERSION  Kubernetes' e2e suite with only the
+#       external storage tests registered (hack/e2e-storage/e2e_test.go),
+#       compiled in the same scratch module as a package of its own,
+#       e2estorage/; its imports enter go.mod at k8s.io/kubernetes's own
+#       versions, which the other targets' builds share.
+#   agnhost-<its VERSION file>  test/images/agnhost of the same module, for
+#       the image the suite names (hack/build-images.sh with E2E_IMAGES=1).
+build_e2e() {
+	local out=e2e-storage.test-$K8S_VERSION src=$repo/hack/e2e-storage/e2e_test.go
+	local key
+	key=$(sha256sum "$src" | cut -d' ' -f1)
+	(
+		kube_module
+		if ! have "$out" || [ "$(cat "$bin/$out.key" 2>/dev/null)" != "$key" ]; then
+			log "  go test -c e2estorage ($out)"
+			mkdir -p e2estorage
+			grep -v '^//go:build ignore$' "$src" >e2estorage/e2e_test.go
+			go get "k8s.io/kubernetes/test/e2e@$K8S_VERSION"
+			go test -c -vet=off -trimpath -ldflags "$ld" -o "$bin/$out.tmp" ./e2estorage
+			mv "$bin/$out.tmp" "$bin/$out"
+			echo "$key" >"$bin/$out.key"
+		fi
+		local agnhost dir
+		dir=$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)
+		agnhost=agnhost-$(cat "$dir/test/images/agnhost/VERSION")
+		if ! have "$agnhost"; then
+			log "  go build $agnhost"
+			go build -trimpath -ldflags "$ld -X main.Version=${agnhost#agnhost-}" -o "$bin/$agnhost.tmp" k8s.io/kubernetes/test/images/agnhost
+			mv "$bin/$agnhost.tmp" "$bin/$agnhost"
+		fi
 	)
 }
 

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Kubernetes' external storage e2e suite (test/e2e/storage/external of
+# k8s.io/kubernetes, the tests csi-driver-host-path, aws-ebs and TopoLVM run)
+# against csi-qcow2 on the real-kubelet node of hack/e2e-pods.sh.
+#
+# The node and the control plane are hack/lib/node.sh's (node_build,
+# node_up, node_deploy), with the suite's images added to the node's disk
+# (hack/build-images.sh with E2E_IMAGES=1, under the names the suite's
+# manifest gives them: nothing is pulled). The suite is `hack/k8s-build.sh
+# e2e`'s e2e-storage.test (only the external storage tests registered),
+# driven by hack/e2e-storage/driver.yaml. Its own caches keep the node disk
+# of hack/e2e-pods.sh untouched: IMAGES_CACHE_DIR and VM_CACHE_DIR default
+# to images-e2e and vm-e2e beside the usual ones, seeded (hard links) with
+# what is content-addressed there (the Debian roots, the kernel).
+#
+# Prints ginkgo's output, then one line per (test suite, pattern) with its
+# passed / failed / skipped counts, the failures' first lines, and exits
+# non-zero if a spec failed. The reports (JUnit and ginkgo JSON) are in the
+# work dir's report/.
+#
+# Environment:
+#   FOCUS    regexp, ANDed after 'External.Storage.*qcow2.csi-qcow2.io.*'
+#            (e.g. 'provisioning.*should provision storage with defaults')
+#   SKIP     ginkgo skip regexp (default '\[Disruptive\]|\[Serial\]')
+#   TIMEOUT  ginkgo's -ginkgo.timeout (default 3h)
+#   E2E_ARGS more e2e-storage.test flags
+#   LIST=1   no cluster: only list what FOCUS and SKIP select (a dry run;
+#            "passed" there means selected), and what is not registered
+#   E2E_PORT_BASE (default 25890; six ports from it), KEEP=1 keeps the
+#   work dir, NODE_MEM/NODE_SMP (the guest's size)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+t0=$SECONDS
+K8S_VERSION=${K8S_VERSION:-v1.37.1}
+ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
+SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
+export K8S_VERSION ETCD_VERSION SNAPSHOTTER_VERSION
+top=${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2
+cache=${K8S_CACHE_DIR:-$top/k8s}
+bin=$cache/bin
+base=${E2E_PORT_BASE:-25890}
+node=kube-node
+driver_name=qcow2.csi-qcow2.io
+ns=csi-qcow2
+focus="External.Storage.*${driver_name//./\\.}.*${FOCUS:-}"
+skip=${SKIP:-'\[Disruptive\]|\[Serial\]'}
+step_title=setup
+
+say() { echo "    $*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+phase() { echo "=== [$((SECONDS - t0))s] $*"; }
+
+for t in openssl curl socat qemu-system-x86_64 qemu-img python3; do
+	command -v $t >/dev/null || fail "$t not found (hack/install-deps.sh)"
+done
+
+# seed FROM TO NAME...: hard links of FROM's content-addressed entries
+# (written by rename, never in place) into the cache TO, if TO lacks them.
+seed() {
+	local from=$1 to=$2 n
+	shift 2
+	mkdir -p "$to"
+	for n in "$@"; do
+		for f in "$from"/$n; do
+			[ -e "$f" ] && [ ! -e "$to/${f#"$from"/}" ] || continue
+			mkdir -p "$(dirname "$to/${f#"$from"/}")"
+			cp -al "$f" "$to/${f#"$from"/}" 2>/dev/null || true
+		done
+	done
+}
+export E2E_IMAGES=1
+export IMAGES_CACHE_DIR=${IMAGES_CACHE_DIR:-$top/images-e2e}
+export VM_CACHE_DIR=${VM_CACHE_DIR:-$top/vm-e2e}
+seed "$top/images" "$IMAGES_CACHE_DIR" 'work/rootfs-*' 'work/debs'
+seed "$top/vm" "$VM_CACHE_DIR" kernel kernel-pkg 'base-*.cpio' 'node-debian-*'
+
+# shellcheck source=hack/lib/cluster.sh
+. hack/lib/cluster.sh
+# shellcheck source=hack/lib/node.sh
+. hack/lib/node.sh
+
+if [ "${LIST:-}" = 1 ]; then
+	# What FOCUS and SKIP select, per suite and pattern, without a cluster.
+	K8S_CACHE_DIR=$cache hack/k8s-build.sh e2e
+	out=$(mktemp -d)
+	trap 'rm -rf "$out"' EXIT
+	DEBUG_STORAGE_TESTSUITE=1 "$bin/e2e-storage.test-$K8S_VERSION" -ginkgo.dry-run -ginkgo.no-color -ginkgo.v \
+		-repo-root "$repo" -storage.testdriver "$repo/hack/e2e-storage/driver.yaml" \
+		-ginkgo.focus "$focus" -ginkgo.skip "$skip" -ginkgo.json-report "$out/dry.json" >"$out/dry.log" 2>&1 ||
+		{ cat "$out/dry.log"; fail "e2e-storage.test -ginkgo.dry-run failed"; }
+	grep '^External Storage' "$out/dry.log" || true
+	hack/e2e-storage/summary.py "$out/dry.json" "$focus" "$skip" "$out/dry.log" | sed 's/^suite  *passed/suite selected/'
+	exit 0
+fi
+
+phase "builds: e2e-storage.test and agnhost, control plane, kubelet and sidecars (cached), images, the node's disk"
+b=$SECONDS
+K8S_CACHE_DIR=$cache hack/k8s-build.sh e2e
+say "e2e builds: $((SECONDS - b)) s"
+suite=$bin/e2e-storage.test-$K8S_VERSION
+node_build
+say "builds done in $((SECONDS - t0)) s; driver image $driver_image"
+
+on_exit() {
+	local rc=$?
+	if [ $rc -ne 0 ]; then
+		echo "e2e-storage: failed in: $step_title"
+		kubectl get pods -A -o wide 2>/dev/null || true
+		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
+	fi
+	node_down
+	cluster_finish e2e-storage $rc ${run:+"$run"/*.log}
+}
+trap on_exit EXIT
+
+phase "control plane on 127.0.0.1, the node guest"
+node_up "$node" "$base"
+step_title="node Ready"
+node_ready() { [ "$(kubectl get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+wait_for 300 "node $node Ready" node_ready
+phase "node $node Ready"
+
+step_title="deploy/kubernetes"
+node_deploy
+kubectl -n $ns rollout status ds/csi-qcow2-node --timeout=300s >/dev/null ||
+	fail "the DaemonSet's pod did not become ready"
+has_driver() { kubectl get csinode "$node" -o jsonpath='{.spec.drivers[*].name}' | grep -qw "$driver_name"; }
+wait_for 120 "CSINode $node to list $driver_name" has_driver
+kubectl -n kube-system rollout status deploy/snapshot-controller --timeout=300s >/dev/null ||
+	fail "snapshot-controller did not become ready"
+kubectl -n $ns rollout status deploy/csi-qcow2-resizer --timeout=300s >/dev/null ||
+	fail "csi-qcow2-resizer did not become ready"
+phase "driver deployed (image $driver_image)"
+
+step_title="e2e-storage.test"
+report=$work/report
+mkdir -p "$report"
+phase "e2e-storage.test -ginkgo.focus='$focus' -ginkgo.skip='$skip'"
+s=$SECONDS rc=0
+# shellcheck disable=SC2086 # E2E_ARGS is a list of flags
+DEBUG_STORAGE_TESTSUITE=1 "$suite" \
+	-kubeconfig "$work/admin.kubeconfig" -provider local \
+	-kubectl-path "$bin/kubectl-$K8S_VERSION" \
+	-repo-root "$repo" -storage.testdriver "$repo/hack/e2e-storage/driver.yaml" \
+	-report-dir "$report" -ginkgo.json-report "$report/ginkgo.json" \
+	-ginkgo.focus "$focus" -ginkgo.skip "$skip" \
+	-ginkgo.timeout "${TIMEOUT:-3h}" -ginkgo.no-color -ginkgo.v \
+	${E2E_ARGS:-} 2>&1 | tee "$logs/e2e-storage.log" || rc=$?
+phase "e2e-storage.test exited $rc after $((SECONDS - s)) s"
+
+hack/e2e-storage/summary.py "$report/ginkgo.json" "$focus" "$skip" "$logs/e2e-storage.log" || rc=1
+step_title="e2e-storage.test: failed specs (above)"
+[ "$rc" = 0 ]
