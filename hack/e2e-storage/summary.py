@@ -6,7 +6,7 @@ Usage: summary.py REPORT.json FOCUS [SKIP [LOG]]
 One line per (test suite, test pattern) of the specs FOCUS selects and SKIP
 does not (the regexps given to ginkgo): passed, failed, skipped (at run
 time, by the suite: a capability not claimed, too few nodes...) and the
-wall time; then every failed spec with its run time, location and the first
+wall time; the reasons of the run-time skips; then every failed spec with its run time, location and the first
 lines of its failure. With LOG (the suite's output, run with
 DEBUG_STORAGE_TESTSUITE set), also the (suite, pattern) pairs the suite did
 not even register, by reason: those have no spec in the report at all.
@@ -29,6 +29,7 @@ def main():
         return 2
     rows = collections.OrderedDict()
     failed = []
+    skips = collections.Counter()
     for report in reports:
         for spec in report.get("SpecReports") or []:
             if spec.get("LeafNodeType") != "It":
@@ -45,7 +46,11 @@ def main():
             secs = spec.get("RunTime", 0) / 1e9
             row[state] += 1
             row["seconds"] += secs
-            if state not in ("passed", "skipped"):
+            if state == "skipped":
+                msg = ((spec.get("Failure") or {}).get("Message") or "").strip()
+                if msg:
+                    skips[msg.splitlines()[0]] += 1
+            elif state != "passed":
                 failed.append((text, state, secs, spec.get("Failure") or {}))
     if not rows:
         print("e2e-storage: the report has no spec that the focus selects")
@@ -60,6 +65,10 @@ def main():
     bad = sum(v for k, v in total.items() if k not in ("passed", "skipped", "seconds"))
     print(f"e2e-storage: {total['passed']} passed, {bad} failed, {total['skipped']} skipped "
           f"({total['seconds']:.0f} s in specs)")
+    if skips:
+        print("skipped at run time, by reason:")
+    for reason, n in sorted(skips.items()):
+        print(f"    {n:3}  {reason}")
     if len(sys.argv) > 4:
         unregistered(sys.argv[4])
     for text, state, secs, failure in failed:
