@@ -135,7 +135,24 @@ func (d *Driver) mountStaged(sv *stagedVolume, flags []string) error {
 		// its filesystem UUID; xfs refuses to mount a duplicate without this.
 		opts = append(opts, "nouuid")
 	}
-	return d.mounter.FormatAndMount(sv.dev.Path(), sv.meta.StagingPath, sv.meta.FSType, opts)
+	if err := d.mounter.FormatAndMount(sv.dev.Path(), sv.meta.StagingPath, sv.meta.FSType, opts); err != nil {
+		return err
+	}
+	if sv.meta.ReadOnly {
+		return nil
+	}
+	// A restore or clone into a volume larger than its source has the
+	// source's filesystem on a bigger device, and kubelet calls no
+	// NodeExpandVolume for it: grow it here (a no-op when it fills the
+	// device already). On failure the mount goes too, for the caller
+	// detaches the device.
+	if err := d.mounter.ResizeFs(sv.dev.Path(), sv.meta.StagingPath); err != nil {
+		if uerr := d.mounter.Unmount(sv.meta.StagingPath); uerr != nil {
+			klog.ErrorS(uerr, "Unmounting after a failed resize", "volumeID", sv.meta.VolumeID)
+		}
+		return fmt.Errorf("growing the filesystem to the volume's size: %w", err)
+	}
+	return nil
 }
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {

@@ -185,11 +185,12 @@ func TestNodeExpand(t *testing.T) {
 		t.Fatalf("expand unstaged: %v", err)
 	}
 	e.stage(t, id, rwo)
+	staged := len(e.mounter.resized) // stage grows a filesystem smaller than its device
 	r, err := e.node.NodeExpandVolume(ctx, req)
 	if err != nil || r.GetCapacityBytes() != 11<<20 {
 		t.Fatalf("expand: %v %v", r, err)
 	}
-	if e.d.stagedVolume(id).img.Size() != 11<<20 || len(e.mounter.resized) != 1 {
+	if e.d.stagedVolume(id).img.Size() != 11<<20 || len(e.mounter.resized) != staged+1 {
 		t.Fatalf("image %d, resized %v", e.d.stagedVolume(id).img.Size(), e.mounter.resized)
 	}
 	g, err := e.ctrl.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: id})
@@ -276,5 +277,34 @@ func TestNodeGetInfo(t *testing.T) {
 	if err != nil || r.GetNodeId() != "node-1" || r.GetMaxVolumesPerNode() != 16 ||
 		r.GetAccessibleTopology().GetSegments()[DefaultTopologyKey] != "node-1" {
 		t.Fatalf("%v %v", r, err)
+	}
+}
+
+// TestStageGrowsFilesystem: a writable mount is grown to its device at
+// stage (a restore or clone into a larger volume carries the source's
+// smaller filesystem); a read-only one and a block volume are not touched.
+func TestStageGrowsFilesystem(t *testing.T) {
+	block := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	tests := []struct {
+		name string
+		c    *csi.VolumeCapability
+		want int
+	}{
+		{"mount", rwo, 1},
+		{"read-only mount", mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY), 0},
+		{"block", block, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTestEnv(t)
+			id := e.mustCreate(t, createReq("v", 4<<20, nil)).GetVolumeId()
+			e.stage(t, id, tc.c)
+			if len(e.mounter.resized) != tc.want {
+				t.Errorf("resized %v, want %d call(s)", e.mounter.resized, tc.want)
+			}
+		})
 	}
 }

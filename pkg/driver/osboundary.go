@@ -45,7 +45,8 @@ type Mounter interface {
 	Mount(source, target, fsType string, options []string) error
 	Unmount(target string) error
 	IsMountPoint(path string) (bool, error)
-	// ResizeFs grows the filesystem on devicePath mounted at mountPath.
+	// ResizeFs grows the filesystem on devicePath mounted at mountPath
+	// to fill the device; one that fills it already is left alone.
 	ResizeFs(devicePath, mountPath string) error
 	// Freeze and Thaw suspend writes to the filesystem mounted at path.
 	Freeze(path string) error
@@ -178,7 +179,12 @@ func (m *osMounter) IsMountPoint(path string) (bool, error) {
 }
 
 func (m *osMounter) ResizeFs(devicePath, mountPath string) error {
-	_, err := mount.NewResizeFs(m.Exec).Resize(devicePath, mountPath)
+	r := mount.NewResizeFs(m.Exec)
+	need, err := r.NeedResize(devicePath, mountPath)
+	if err != nil || !need {
+		return err
+	}
+	_, err = r.Resize(devicePath, mountPath)
 	return err
 }
 
