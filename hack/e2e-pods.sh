@@ -52,24 +52,14 @@ echo "=== [0s] builds: control plane, kubelet and sidecars (cached), images, the
 node_build
 echo "    builds done in $((SECONDS - t0)) s; driver image $driver_image"
 
-on_exit() {
-	local rc=$?
-	if [ $rc -ne 0 ]; then
-		echo "e2e-pods: step $steps failed: $step_title"
-		kubectl get pods -A -o wide 2>/dev/null || true
-		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
-	fi
-	node_down
-	cluster_finish e2e-pods $rc ${run:+"$run"/*.log}
-}
+on_exit() { node_finish e2e-pods $? "step $steps ($step_title)"; }
 trap on_exit EXIT
 
 echo "=== [$((SECONDS - t0))s] control plane on 127.0.0.1, the node guest"
 node_up "$node" "$base"
 
 step "the node boots and registers: kubelet, containerd, our images"
-node_ready() { [ "$(kubectl get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
-wait_for 600 "node $node Ready" node_ready
+wait_for 600 "node $node Ready" node_ready "$node"
 say "$(grep -h 'images:\|kubelet started' "$run/node-init.log" | tr '\n' ';')"
 pass "$(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.kubeletVersion} {.status.nodeInfo.containerRuntimeVersion} {.status.nodeInfo.kernelVersion}')"
 

@@ -103,23 +103,13 @@ suite=$bin/e2e-storage.test-$K8S_VERSION
 node_build
 say "builds done in $((SECONDS - t0)) s; driver image $driver_image"
 
-on_exit() {
-	local rc=$?
-	if [ $rc -ne 0 ]; then
-		echo "e2e-storage: failed in: $step_title"
-		kubectl get pods -A -o wide 2>/dev/null || true
-		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
-	fi
-	node_down
-	cluster_finish e2e-storage $rc ${run:+"$run"/*.log}
-}
+on_exit() { node_finish e2e-storage $? "$step_title"; }
 trap on_exit EXIT
 
 phase "control plane on 127.0.0.1, the node guest"
 node_up "$node" "$base"
 step_title="node Ready"
-node_ready() { [ "$(kubectl get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
-wait_for 300 "node $node Ready" node_ready
+wait_for 300 "node $node Ready" node_ready "$node"
 phase "node $node Ready"
 
 step_title="deploy/kubernetes"

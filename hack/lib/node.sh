@@ -14,6 +14,10 @@
 #                           forwarded); sets work, logs, run, guest_pid
 #                           (the caller's EXIT trap calls node_down)
 #   node_down               asks the guest to power off, waits up to 10 s
+#   node_finish NAME RC WHAT  the EXIT trap's work: on failure WHAT, the
+#                           pods and the last events; node_down;
+#                           cluster_finish (the guest's logs included)
+#   node_ready              whether the node is Ready
 #   node_deploy             the VolumeSnapshot CRDs, deploy/kubernetes with
 #                           our image, its snapshot-controller
 
@@ -75,6 +79,21 @@ node_down() {
 	[ -n "${run:-}" ] && [ -d "$run" ] && touch "$run/stop"
 	[ -n "${guest_pid:-}" ] || return 0
 	for _ in $(seq 20); do kill -0 "$guest_pid" 2>/dev/null || break; sleep 0.5; done
+}
+
+node_finish() {
+	local name=$1 rc=$2 what=$3
+	if [ "$rc" -ne 0 ]; then
+		echo "$name: failed in $what"
+		kubectl get pods -A -o wide 2>/dev/null || true
+		kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
+	fi
+	node_down
+	cluster_finish "$name" "$rc" ${run:+"$run"/*.log}
+}
+
+node_ready() {
+	[ "$(kubectl get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
 node_deploy() {
