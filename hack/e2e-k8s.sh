@@ -23,14 +23,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 t0=$SECONDS
-K8S_VERSION=${K8S_VERSION:-v1.37.1}
-ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
-PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
-SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
-RESIZER_VERSION=${RESIZER_VERSION:-v2.3.0}
-export K8S_VERSION ETCD_VERSION PROVISIONER_VERSION SNAPSHOTTER_VERSION RESIZER_VERSION
-cache=${K8S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/k8s}
-bin=$cache/bin
+# shellcheck source=hack/lib/versions.sh
+. "$repo/hack/lib/versions.sh"
 base=${E2E_PORT_BASE:-23790}
 etcd_port=$base etcd_peer=$((base + 1)) api_port=$((base + 2))
 node=e2e-node

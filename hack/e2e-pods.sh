@@ -21,12 +21,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 t0=$SECONDS
-K8S_VERSION=${K8S_VERSION:-v1.37.1}
-ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
-SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
-export K8S_VERSION ETCD_VERSION SNAPSHOTTER_VERSION
-cache=${K8S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/k8s}
-bin=$cache/bin
+# shellcheck source=hack/lib/versions.sh
+. "$repo/hack/lib/versions.sh"
 base=${E2E_PORT_BASE:-23890}
 node=kube-node
 driver_name=qcow2.csi-qcow2.io

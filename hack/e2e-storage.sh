@@ -33,13 +33,9 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 t0=$SECONDS
-K8S_VERSION=${K8S_VERSION:-v1.37.1}
-ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
-SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
-export K8S_VERSION ETCD_VERSION SNAPSHOTTER_VERSION
+# shellcheck source=hack/lib/versions.sh
+. "$repo/hack/lib/versions.sh"
 top=${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2
-cache=${K8S_CACHE_DIR:-$top/k8s}
-bin=$cache/bin
 base=${E2E_PORT_BASE:-25890}
 node=kube-node
 driver_name=qcow2.csi-qcow2.io

@@ -23,7 +23,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cache=${K8S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/csi-qcow2/k8s}
+# shellcheck source=hack/lib/versions.sh
+. "$repo/hack/lib/versions.sh"
 mkdir -p "$cache/bin" "$cache/src"
 cache=$(cd "$cache" && pwd)
 bin=$cache/bin
@@ -31,11 +32,6 @@ export GOFLAGS=-mod=mod
 export CGO_ENABLED=0
 export GOTOOLCHAIN=local
 
-ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
-K8S_VERSION=${K8S_VERSION:-v1.37.1}
-PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
-SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.7.0}
-RESIZER_VERSION=${RESIZER_VERSION:-v2.3.0}
 
 log() { echo "k8s-build: $*" >&2; }
 
