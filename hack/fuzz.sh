@@ -39,6 +39,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 failed=()
+flaked=()
 summary=()
 for t in "${targets[@]}"; do
 	read -r pkg name <<<"$t"
@@ -46,8 +47,19 @@ for t in "${targets[@]}"; do
 	start=$SECONDS
 	# One target per run: -fuzz must match exactly one, and -run '^$' skips
 	# the package's ordinary tests (go test ./... runs those).
+	corpus=$(go list -f '{{.Dir}}' "$pkg")/testdata/fuzz/$name
+	before=$(ls "$corpus" 2>/dev/null | sort || true)
 	if go test -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" "$pkg" 2>&1 | tee "$log"; then
 		status=ok
+	elif [ "$(ls "$corpus" 2>/dev/null | sort || true)" = "$before" ] &&
+		grep -qx '    context deadline exceeded' "$log"; then
+		# go1.26's fuzz coordinator can report its own -fuzztime deadline
+		# as a failure when a worker is mid-exec at that instant
+		# (golang/go#75804, fixed in go1.27). A real failing input is
+		# always written to testdata/fuzz/<Target>/; none was, so this is
+		# the coordinator's race, not a finding.
+		status=ok*
+		flaked+=("$name")
 	else
 		status=FAIL
 		failed+=("$name")
@@ -68,6 +80,9 @@ echo
 # wall: the whole go test run (build, baseline coverage over the corpus, fuzzing)
 printf '%-24s %-4s %10s %8s %7s  %s\n' target res execs exec/s wall package
 printf '%s\n' "${summary[@]}"
+if [ ${#flaked[@]} -gt 0 ]; then
+	echo "fuzz.sh: ok*: ${flaked[*]} ended with go's own \"context deadline exceeded\" at -fuzztime and wrote no failing input (golang/go#75804)"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
 	echo "fuzz.sh: failing inputs found by: ${failed[*]} (written under the package's testdata/fuzz/)" >&2
 	exit 1
