@@ -263,8 +263,14 @@ func (img *Image) prepareForWrite() error {
 	}
 	rewrite := h.autoclear != 0
 	if h.incompatible&incompatDirty != 0 {
-		if _, err := img.check(RepairAll, true); err != nil {
+		res, err := img.check(RepairAll, true)
+		if err != nil {
 			return fmt.Errorf("repairing dirty image: %w", err)
+		}
+		if res.Corruptions == 0 && res.Leaks == 0 {
+			if err := img.trimFreeTail(); err != nil {
+				return err
+			}
 		}
 		h.incompatible &^= incompatDirty
 		rewrite = true

@@ -199,6 +199,48 @@ func (img *Image) trimExtension() {
 	}
 }
 
+// maxTailScan bounds how many free clusters trimFreeTail looks at: the
+// extension is at most maxExtendAhead, plus what a failed write may add.
+const maxTailScan = 1 << 20
+
+// trimFreeTail does for an image that was not closed what trimExtension
+// does at Close: it shortens the file to just past its last cluster with a
+// reference count, dropping the extension ahead of lazy links a crash (or
+// a killed process) left behind, which would otherwise stay in the file
+// for good (endCluster starts at the file's length).
+//
+// It runs only right after a dirty image's repair left no leak and no
+// corruption: the refcounts then equal the references the checker just
+// counted from every table, so a cluster with refcount 0 is one nothing
+// points at, and cutting it loses nothing. Crash order: none is needed; a
+// cut before the truncate reaches the disk leaves the longer file, which
+// reads the same.
+func (img *Image) trimFreeTail() error {
+	end := img.endCluster
+	for n := 0; end > 1 && n < maxTailScan; n++ {
+		r, err := img.refcount(end - 1)
+		if err != nil {
+			return err
+		}
+		if r != 0 {
+			break
+		}
+		end--
+	}
+	size, err := img.f.Size()
+	if err != nil {
+		return err
+	}
+	if size <= end<<img.clusterBits {
+		return nil
+	}
+	if err := img.f.Truncate(end << img.clusterBits); err != nil {
+		return fmt.Errorf("trimming the free tail of the file to %d bytes: %w", end<<img.clusterBits, err)
+	}
+	img.endCluster = end
+	return nil
+}
+
 // punched notes that a cluster whose refcount dropped to 0 was punched
 // out; it reads as zeros on disk once a sync has completed.
 func (img *Image) punched(c int64) {

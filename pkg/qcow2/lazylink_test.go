@@ -1,9 +1,12 @@
 package qcow2_test
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
@@ -205,4 +208,74 @@ func TestExtensionSyncFailureIsSticky(t *testing.T) {
 	if err := img.Flush(); !errors.Is(err, qcow2.ErrSyncFailed) {
 		t.Fatalf("Flush after the extension's fdatasync failed: %v, want ErrSyncFailed", err)
 	}
+}
+
+// TestReopenTrimsExtensionAfterCrash: a file extended ahead of lazy links
+// and never closed (a killed driver) keeps its free tail only until the
+// next writable open, which trims it after the dirty image's repair; the
+// data and both checkers stay as they were.
+func TestReopenTrimsExtensionAfterCrash(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "live.qcow2")
+	img := mustCreate(t, path, qcow2.CreateOptions{Size: 1 << 30, LazyRefcounts: true})
+	defer img.Close()
+	rng := newRand(t)
+	data := fill(rng, 3<<20)
+	if _, err := img.WriteAt(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The file as a power cut now would leave it: everything is durable.
+	crashed, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crash := filepath.Join(dir, "crash.qcow2")
+	if err := os.WriteFile(crash, crashed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	used := allocatedEnd(t, crash)
+	if int64(len(crashed)) <= used {
+		t.Fatalf("the crashed file (%d bytes) is not extended past its last used cluster (%d): the test proves nothing", len(crashed), used)
+	}
+
+	again := mustOpen(t, crash, qcow2.OpenOptions{})
+	got := make([]byte, len(data))
+	if _, err := again.ReadAt(got, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("data after reopen: %s", firstDiff(got, data))
+	}
+	st, err := os.Stat(crash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() != used {
+		t.Errorf("after a writable reopen the file is %d bytes, want %d (its last used cluster's end; %d before)", st.Size(), used, len(crashed))
+	}
+	r, err := again.Check(qcow2.CheckOptions{})
+	requireClean(t, "our check after the trim", r, err)
+	if err := again.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if haveQemu(t) {
+		requireQemuClean(t, crash)
+	}
+}
+
+// allocatedEnd is the end of the last cluster with a nonzero refcount, as
+// qemu-img check's "Image end offset" would report it, computed by our
+// read-only checker.
+func allocatedEnd(t *testing.T, path string) int64 {
+	t.Helper()
+	img := mustOpen(t, path, qcow2.OpenOptions{ReadOnly: true})
+	defer img.Close()
+	r, err := img.Check(qcow2.CheckOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.ImageEndOffset
 }
