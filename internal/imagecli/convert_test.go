@@ -3,11 +3,11 @@ package imagecli
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/csi-qcow2/csi-qcow2/internal/sparsecopy"
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
@@ -27,7 +27,7 @@ func sparseRaw(t *testing.T, path string) []byte {
 	if err := f.Truncate(int64(len(want))); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeNonZero(f, want, 0, make([]byte, 4096)); err != nil {
+	if err := sparsecopy.Copy(context.Background(), bytes.NewReader(want), int64(len(want)), f, 4096); err != nil {
 		t.Fatal(err)
 	}
 	return want
@@ -152,47 +152,6 @@ func TestConvertCanceledRemovesDst(t *testing.T) {
 		if fileExists(dst) {
 			t.Fatalf("%s: partial DST left behind", format)
 		}
-	}
-}
-
-// recorder is an io.WriterAt that logs each write as "off+len".
-type recorder struct{ writes []string }
-
-func (r *recorder) WriteAt(p []byte, off int64) (int, error) {
-	r.writes = append(r.writes, fmt.Sprintf("%d+%d", off, len(p)))
-	return len(p), nil
-}
-
-func TestWriteNonZero(t *testing.T) {
-	const block = 4
-	tests := []struct {
-		name string
-		data string // one char per byte; '.' is zero
-		want []string
-	}{
-		{"all zero", "........", nil},
-		{"all data", "xxxxxxxx", []string{"100+8"}},
-		{"merged runs", "x.......x..xx...", []string{"100+4", "108+8"}},
-		{"zero block between", "xxxx....xxxx", []string{"100+4", "108+4"}},
-		{"partial tail", "......x", []string{"104+3"}},
-		{"zero tail", "xx..", []string{"100+4"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			p := []byte(tt.data)
-			for i := range p {
-				if p[i] == '.' {
-					p[i] = 0
-				}
-			}
-			var r recorder
-			if err := writeNonZero(&r, p, 100, make([]byte, block)); err != nil {
-				t.Fatal(err)
-			}
-			if fmt.Sprint(r.writes) != fmt.Sprint(tt.want) {
-				t.Fatalf("writes %v, want %v", r.writes, tt.want)
-			}
-		})
 	}
 }
 

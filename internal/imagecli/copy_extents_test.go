@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/csi-qcow2/csi-qcow2/internal/sparsecopy"
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
@@ -72,7 +73,7 @@ func TestCopySparseSkipsUnreadableZeros(t *testing.T) {
 		}
 		read += r[1]
 	}
-	if read == 0 || read > 2*copyChunk {
+	if read == 0 || read > 2*sparsecopy.Chunk {
 		t.Errorf("read %d bytes in %v; want only the chunks holding data (4M and 8M)", read, spy.reads)
 	}
 }

@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +8,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/csi-qcow2/csi-qcow2/internal/sparsecopy"
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 	"k8s.io/klog/v2"
 
@@ -225,30 +225,13 @@ func copyFrom(ctx context.Context, img *qcow2.Image, snap, tmp string, m *volume
 	return dst.Close()
 }
 
-// copySparse copies size bytes from src to dst, skipping all-zero 64 KiB
-// blocks so that the copy stays sparse. (The engine has no allocation map
-// API yet, so unallocated clusters are read, as zeros, and skipped.)
+// copySparse copies size bytes from src to dst, which is new and reads as
+// zeros, and flushes it: what src's extents show reading as zeros (a qcow2
+// image or snapshot view lists them) is not read, and 64 KiB blocks of
+// zeros are not written, so the copy stays sparse.
 func copySparse(ctx context.Context, dst *qcow2.Image, src io.ReaderAt, size int64) error {
-	const chunk, block = 1 << 20, 64 << 10
-	buf := make([]byte, chunk)
-	zero := make([]byte, block)
-	for off := int64(0); off < size; off += chunk {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n := min(int64(chunk), size-off)
-		if _, err := src.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("read source at %d: %w", off, err)
-		}
-		for b := int64(0); b < n; b += block {
-			e := min(b+block, n)
-			if bytes.Equal(buf[b:e], zero[:e-b]) {
-				continue
-			}
-			if _, err := dst.WriteAt(buf[b:e], off+b); err != nil {
-				return fmt.Errorf("write copy at %d: %w", off+b, err)
-			}
-		}
+	if err := sparsecopy.Copy(ctx, src, size, dst, 64<<10); err != nil {
+		return err
 	}
 	return dst.Flush()
 }

@@ -71,6 +71,61 @@ func TestCopySparse(t *testing.T) {
 	}
 }
 
+// extentSpy is a snapshot view that records the bytes read from it.
+type extentSpy struct {
+	*qcow2.SnapshotView
+	read int64
+}
+
+func (s *extentSpy) ReadAt(p []byte, off int64) (int, error) {
+	s.read += int64(len(p))
+	return s.SnapshotView.ReadAt(p, off)
+}
+
+// TestCopySparseReadsOnlyAllocated: a restore from a snapshot of a mostly
+// empty 1 GiB volume reads the chunks with data, not the rest.
+func TestCopySparseReadsOnlyAllocated(t *testing.T) {
+	dir := t.TempDir()
+	src, err := qcow2.Create(filepath.Join(dir, "a"), qcow2.CreateOptions{Size: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	want := bytes.Repeat([]byte{9}, 3000)
+	src.WriteAt(want, 700<<20+5)
+	if _, err := src.CreateSnapshot("s"); err != nil {
+		t.Fatal(err)
+	}
+	src.WriteAt(bytes.Repeat([]byte{1}, 100), 0) // after the snapshot: not copied
+	v, err := src.OpenSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	spy := &extentSpy{SnapshotView: v}
+	dst, err := qcow2.Create(filepath.Join(dir, "b"), qcow2.CreateOptions{Size: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	if err := copySparse(t.Context(), dst, spy, v.Size()); err != nil {
+		t.Fatal(err)
+	}
+	if spy.read == 0 || spy.read > 4<<20 {
+		t.Errorf("read %d bytes of the snapshot; want only the chunk with data (at most 4 MiB)", spy.read)
+	}
+	got := make([]byte, len(want)+2)
+	dst.ReadAt(got, 700<<20+4)
+	if !bytes.Equal(got[1:len(want)+1], want) || got[0] != 0 || got[len(got)-1] != 0 {
+		t.Fatal("copied data differs")
+	}
+	head := make([]byte, 100)
+	dst.ReadAt(head, 0)
+	if !bytes.Equal(head, make([]byte, 100)) {
+		t.Fatal("the copy has a write made after the snapshot")
+	}
+}
+
 func copyFile(t *testing.T, from, to string) {
 	t.Helper()
 	in, err := os.Open(from)
