@@ -13,12 +13,17 @@
 #             their builds take ~1.5 min on 2 cores)
 #   FUZZ      regexp selecting targets by name (default: all)
 #   PKGS      packages to search (default ./...)
+#   FUZZTIMEOUT  go test -timeout (default 1h; keep it above FUZZTIME, or
+#             go test's default of 10m ends a 10m run as a failure)
+#   FUZZPARALLEL go test -parallel: fuzzing workers (default GOMAXPROCS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fuzztime=${FUZZTIME:-8s}
 select=${FUZZ:-.}
 pkgs=${PKGS:-./...}
+timeout=${FUZZTIMEOUT:-1h}
+parallel=${FUZZPARALLEL:+-parallel=$FUZZPARALLEL}
 log=$(mktemp "${TMPDIR:-/tmp}/fuzz.XXXXXX")
 trap 'rm -f "$log"' EXIT
 
@@ -49,7 +54,7 @@ for t in "${targets[@]}"; do
 	# the package's ordinary tests (go test ./... runs those).
 	corpus=$(go list -f '{{.Dir}}' "$pkg")/testdata/fuzz/$name
 	before=$(ls "$corpus" 2>/dev/null | sort || true)
-	if go test -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" "$pkg" 2>&1 | tee "$log"; then
+	if go test -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" -timeout "$timeout" $parallel "$pkg" 2>&1 | tee "$log"; then
 		status=ok
 	elif [ "$(ls "$corpus" 2>/dev/null | sort || true)" = "$before" ] &&
 		grep -qx '    context deadline exceeded' "$log"; then
@@ -66,19 +71,22 @@ for t in "${targets[@]}"; do
 	fi
 	# The last progress line has the totals: "fuzz: elapsed: 8s, execs: 1234 (154/sec), ...";
 	# its rate is only the last interval's, so the mean is computed here.
-	secs=0 execs=
-	read -r elapsed execs < <(sed -n 's/^fuzz: elapsed: \([0-9hm]*[0-9]\)s, execs: \([0-9]*\) .*/\1 \2/p' "$log" | tail -n 1) || true
+	# "new interesting" counts the inputs that reached new coverage in this
+	# run; "total" is the corpus (seeds, testdata and GOCACHE) with them.
+	secs=0 execs= fresh= corpus=
+	read -r elapsed execs fresh corpus < <(sed -n 's/^fuzz: elapsed: \([0-9hm]*[0-9]\)s, execs: \([0-9]*\) .*new interesting: \([0-9]*\) (total: \([0-9]*\)).*/\1 \2 \3 \4/p' "$log" | tail -n 1) || true
 	if [ -n "$execs" ]; then # elapsed is 8, 1m0 or 1h0m0
 		IFS=hm read -r -a hms <<<"$elapsed"
 		for v in "${hms[@]}"; do secs=$((secs * 60 + v)); done
 	fi
-	summary+=("$(printf '%-24s %-4s %10s %8s %6ss  %s' "$name" "$status" "${execs:--}" \
-		"$([ "$secs" -gt 0 ] && echo $((execs / secs)) || echo -)" $((SECONDS - start)) "$pkg")")
+	summary+=("$(printf '%-24s %-4s %10s %8s %5s %6s %6ss  %s' "$name" "$status" "${execs:--}" \
+		"$([ "$secs" -gt 0 ] && echo $((execs / secs)) || echo -)" "${fresh:--}" "${corpus:--}" $((SECONDS - start)) "$pkg")")
 done
 
 echo
 # wall: the whole go test run (build, baseline coverage over the corpus, fuzzing)
-printf '%-24s %-4s %10s %8s %7s  %s\n' target res execs exec/s wall package
+# new: inputs that found new coverage in this run; corpus: the total after it
+printf '%-24s %-4s %10s %8s %5s %6s %7s  %s\n' target res execs exec/s new corpus wall package
 printf '%s\n' "${summary[@]}"
 if [ ${#flaked[@]} -gt 0 ]; then
 	echo "fuzz.sh: ok*: ${flaked[*]} ended with go's own \"context deadline exceeded\" at -fuzztime and wrote no failing input (golang/go#75804)"
