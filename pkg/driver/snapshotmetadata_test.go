@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -417,5 +418,50 @@ func TestSnapshotMetadataOptions(t *testing.T) {
 	d, err := New(base(func(o *Options) { o.SnapshotMetadataOptional = true }), newFakeMounter(), newFakeAttacher())
 	if err != nil || d.metadataTLS != nil {
 		t.Errorf("--snapshot-metadata-optional with missing files: %v, service on %t; want it off", err, d != nil && d.metadataTLS != nil)
+	}
+}
+
+// TestMetadataTLSReload: changed files are reread at the next handshake;
+// a set that does not load keeps the previous config.
+func TestMetadataTLSReload(t *testing.T) {
+	dir := t.TempDir()
+	put := func(name string, b []byte) {
+		t.Helper()
+		// Kubelet swaps a Secret's files at once; a new mtime stands for it.
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, time.Now(), time.Now().Add(time.Duration(len(b))*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca := newTestCA(t, "one")
+	cert, key := ca.issue(t, "server", true)
+	put("tls.crt", cert)
+	put("tls.key", key)
+	put("ca.crt", ca.pem)
+	opts := Options{SnapshotMetadataTLSCert: filepath.Join(dir, "tls.crt"), SnapshotMetadataTLSKey: filepath.Join(dir, "tls.key"),
+		SnapshotMetadataClientCA: filepath.Join(dir, "ca.crt")}
+	m, err := newMetadataTLS(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := m.config()
+	if again, _ := m.config(); again != first {
+		t.Error("config made anew though no file changed")
+	}
+	two := newTestCA(t, "two")
+	put("ca.crt", append(bytes.Clone(ca.pem), two.pem...))
+	second, err := m.config()
+	if err != nil || second == first {
+		t.Fatalf("config after the client CA changed: %v, same %t", err, second == first)
+	}
+	if _, err := two.cert.Verify(x509.VerifyOptions{Roots: second.ClientCAs}); err != nil {
+		t.Errorf("the new client CA is not trusted: %v", err)
+	}
+	put("tls.key", []byte("not a key"))
+	if kept, err := m.config(); err != nil || kept != second {
+		t.Errorf("config with a broken key: %v, kept the previous %t", err, kept == second)
 	}
 }
