@@ -37,17 +37,10 @@ func (c *snapshotCmd) runDelta(s streams, args []string) error {
 // writeChangesJSON prints one object a line, as qemu-img map
 // --output=json prints its extents.
 func writeChangesJSON(w io.Writer, changes []qcow2.Change) error {
-	var b strings.Builder
-	b.WriteString("[")
-	for i, x := range changes {
-		if i > 0 {
-			b.WriteString(",\n")
-		}
-		fmt.Fprintf(&b, `{ "start": %d, "length": %d, "zero": %t}`, x.Start, x.Length, x.Zero)
-	}
-	b.WriteString("]\n")
-	_, err := io.WriteString(w, b.String())
-	return err
+	return writeJSONLines(w, len(changes), func(b *strings.Builder, i int) {
+		x := changes[i]
+		fmt.Fprintf(b, `{ "start": %d, "length": %d, "zero": %t}`, x.Start, x.Length, x.Zero)
+	})
 }
 
 // writeChangesHuman prints the ranges in qemu-img map's columns and a
