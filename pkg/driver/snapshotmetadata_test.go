@@ -102,10 +102,11 @@ type metadataEnv struct {
 
 const metadataVolSize = 8 << 20
 
-func newMetadataEnv(t *testing.T) *metadataEnv {
+// metadataOptions turns the service on at a loopback port, with a server
+// certificate of ca and ca as the client CA.
+func metadataOptions(t *testing.T, ca *testCA) func(*Options) {
 	t.Helper()
 	dir := t.TempDir()
-	ca := newTestCA(t, "test-ca")
 	cert, key := ca.issue(t, "csi-qcow2", true)
 	files := map[string][]byte{"tls.crt": cert, "tls.key": key, "ca.crt": ca.pem}
 	for name, b := range files {
@@ -113,13 +114,19 @@ func newMetadataEnv(t *testing.T) *metadataEnv {
 			t.Fatal(err)
 		}
 	}
-	e := &metadataEnv{ca: ca}
-	e.testEnv = newTestEnvWith(t, func(o *Options) {
+	return func(o *Options) {
 		o.SnapshotMetadataAddress = "127.0.0.1:0"
 		o.SnapshotMetadataTLSCert = filepath.Join(dir, "tls.crt")
 		o.SnapshotMetadataTLSKey = filepath.Join(dir, "tls.key")
 		o.SnapshotMetadataClientCA = filepath.Join(dir, "ca.crt")
-	})
+	}
+}
+
+func newMetadataEnv(t *testing.T) *metadataEnv {
+	t.Helper()
+	ca := newTestCA(t, "test-ca")
+	e := &metadataEnv{ca: ca}
+	e.testEnv = newTestEnvWith(t, metadataOptions(t, ca))
 	e.vol = e.mustCreate(t, createReq("v", metadataVolSize, map[string]string{"clusterSize": "4K"})).GetVolumeId()
 	const cs = 4096
 	e.write(t, 0, 10*cs)  // clusters 0-9
@@ -155,6 +162,11 @@ func (e *metadataEnv) write(t *testing.T, off, n int64) {
 }
 
 func (e *metadataEnv) snapshot(t *testing.T, name, vol string) string {
+	t.Helper()
+	return snapshotOf(t, e.testEnv, name, vol)
+}
+
+func snapshotOf(t *testing.T, e *testEnv, name, vol string) string {
 	t.Helper()
 	r, err := e.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
 	if err != nil {
@@ -464,4 +476,36 @@ func TestMetadataTLSReload(t *testing.T) {
 	if kept, err := m.config(); err != nil || kept != second {
 		t.Errorf("config with a broken key: %v, kept the previous %t", err, kept == second)
 	}
+}
+
+// TestSnapshotMetadataStagedVolume: with the volume staged, the delta is
+// read through the image the driver serves, between writes to its device.
+func TestSnapshotMetadataStagedVolume(t *testing.T) {
+	e := newTestEnvWith(t, metadataOptions(t, newTestCA(t, "ca")))
+	vol := e.mustCreate(t, createReq("v", metadataVolSize, map[string]string{"clusterSize": "4K"})).GetVolumeId()
+	e.stage(t, vol, rwo)
+	e.attacher.mu.Lock()
+	dev := e.attacher.attached[0].backend
+	e.attacher.mu.Unlock()
+	if _, err := dev.WriteAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	base := snapshotOf(t, e, "base", vol)
+	if _, err := dev.WriteAt([]byte("changed"), 1<<20+10); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.WriteZeroes(0, 4096, true); err != nil {
+		t.Fatal(err)
+	}
+	target := snapshotOf(t, e, "target", vol)
+	s, err := csi.NewSnapshotMetadataClient(e.conn).GetMetadataDelta(context.Background(),
+		&csi.GetMetadataDeltaRequest{BaseSnapshotId: base, TargetSnapshotId: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []*csi.BlockMetadata{{ByteOffset: 0, SizeBytes: 4096}, {ByteOffset: 1 << 20, SizeBytes: 4096}}
+	if got, err := drain(t, s.Recv, 0, 0); err != nil || !sameTuples(got, want) {
+		t.Errorf("GetMetadataDelta of a staged volume = %v, %v; want %v", got, err, want)
+	}
+	e.unstage(t, vol)
 }
