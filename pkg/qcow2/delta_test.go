@@ -241,3 +241,32 @@ func TestSnapshotDeltaRandom(t *testing.T) {
 		img.Close()
 	}
 }
+
+// TestSnapshotDeltaWhileWriting: writes to the active layer (which copy
+// the tables the snapshots share) do not change a delta computed at the
+// same time.
+func TestSnapshotDeltaWhileWriting(t *testing.T) {
+	img := deltaImage(t, []deltaOp{func(t *testing.T, img *qcow2.Image) { mustWrite(t, img, []byte{9}, 700*cs4k) }})
+	want, err := img.SnapshotDelta("base", "target", 0, math.MaxInt64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := newRand(t)
+	done := make(chan error)
+	go func() {
+		var err error
+		for i := 0; i < 300 && err == nil; i++ {
+			_, err = img.WriteAt(fill(rng, cs4k), rng.Int64N(img.Size()/cs4k)*cs4k)
+		}
+		done <- err
+	}()
+	for range 50 {
+		got, err := img.SnapshotDelta("base", "target", 0, math.MaxInt64)
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("SnapshotDelta during writes = %+v, %v; want %+v", got, err, want)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
