@@ -112,18 +112,27 @@ func (c *extentsCmd) window() (start, length int64, err error) {
 // writeExtentsJSON prints qemu-img map --output=json's text: one object a
 // line, in its key order, "offset" only where there is one.
 func writeExtentsJSON(w io.Writer, ext []qcow2.Extent) error {
+	return writeJSONLines(w, len(ext), func(b *strings.Builder, i int) {
+		x := ext[i]
+		fmt.Fprintf(b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
+			x.Start, x.Length, x.Depth, x.Present, x.Zero, x.Data)
+		if x.Offset >= 0 {
+			fmt.Fprintf(b, `, "offset": %d`, x.Offset)
+		}
+		b.WriteString("}")
+	})
+}
+
+// writeJSONLines prints a JSON array of n objects, one a line, as qemu-img
+// map --output=json lays it out; object writes the i-th.
+func writeJSONLines(w io.Writer, n int, object func(b *strings.Builder, i int)) error {
 	var b strings.Builder
 	b.WriteString("[")
-	for i, x := range ext {
+	for i := range n {
 		if i > 0 {
 			b.WriteString(",\n")
 		}
-		fmt.Fprintf(&b, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
-			x.Start, x.Length, x.Depth, x.Present, x.Zero, x.Data)
-		if x.Offset >= 0 {
-			fmt.Fprintf(&b, `, "offset": %d`, x.Offset)
-		}
-		b.WriteString("}")
+		object(&b, i)
 	}
 	b.WriteString("]\n")
 	_, err := io.WriteString(w, b.String())

@@ -13,15 +13,26 @@ import (
 func snapshotSpec() spec {
 	return spec{
 		name:     "snapshot",
-		synopsis: "[-q] -c NAME | -l | -d NAME | -a NAME FILE",
-		summary:  "Create, list, delete or apply internal snapshots of a qcow2 image.",
-		help: `Exactly one of -c, -l, -d and -a. -d and -a take a snapshot's id or name
-(an id matches first, as in qemu-img). -a reverts the disk, virtual size
-included, to the snapshot, which is kept. -l prints the table info prints.
-Names are unique, 1 to 65535 bytes; an image holds at most 65536 snapshots.
+		synopsis: "[-q] -c NAME | -l | -d NAME | -a NAME FILE\n       csi-qcow2 image snapshot --delta BASE [--output=human|json] TARGET FILE",
+		summary:  "Create, list, delete, apply or compare internal snapshots of a qcow2 image.",
+		help: `Exactly one of -c, -l, -d, -a and --delta. -d, -a and --delta take
+snapshots' ids or names (an id matches first, as in qemu-img). -a reverts
+the disk, virtual size included, to the snapshot, which is kept. -l prints
+the table info prints. Names are unique, 1 to 65535 bytes; an image holds
+at most 65536 snapshots.
 
-Example:
+--delta is csi-qcow2's own; qemu-img has no such option. It lists the
+ranges of snapshot TARGET's disk that differ from snapshot BASE's, found
+from the two snapshots' cluster tables (what the driver's CSI
+SnapshotMetadata service streams): whole clusters, which include every
+byte that differs and may include some rewritten with the bytes they had.
+Each range says whether TARGET reads it as zeros. --output=json prints an
+array of {"start", "length", "zero"} objects, in bytes, start and length
+named as qemu-img map --output=json names them.
+
+Examples:
   csi-qcow2 image snapshot -c before-upgrade disk.qcow2
+  csi-qcow2 image snapshot --delta before-upgrade --output=json after-upgrade disk.qcow2
 `,
 		new: func() subcommand { return &snapshotCmd{} },
 	}
@@ -30,6 +41,7 @@ Example:
 type snapshotCmd struct {
 	create, delete, apply string
 	list, quiet           bool
+	delta, output         string
 }
 
 func (c *snapshotCmd) flags(fs *pflag.FlagSet) {
@@ -38,17 +50,25 @@ func (c *snapshotCmd) flags(fs *pflag.FlagSet) {
 	fs.StringVarP(&c.delete, "delete", "d", "", "delete the snapshot with id or name NAME")
 	fs.StringVarP(&c.apply, "apply", "a", "", "revert the disk to the snapshot with id or name NAME")
 	fs.BoolVarP(&c.quiet, "quiet", "q", false, "quiet (snapshot prints nothing on success but for -l)")
+	fs.StringVar(&c.delta, "delta", "", "list what snapshot TARGET changed since snapshot BASE (csi-qcow2's own, not qemu-img's)")
+	fs.StringVar(&c.output, "output", "human", "--delta's output format: human or json")
 }
 
 func (c *snapshotCmd) run(_ context.Context, s streams, args []string) error {
 	n := 0
-	for _, set := range []bool{c.create != "", c.list, c.delete != "", c.apply != ""} {
+	for _, set := range []bool{c.create != "", c.list, c.delete != "", c.apply != "", c.delta != ""} {
 		if set {
 			n++
 		}
 	}
 	if n != 1 {
-		return usageErrorf("give exactly one of -c, -l, -d and -a")
+		return usageErrorf("give exactly one of -c, -l, -d, -a and --delta")
+	}
+	if c.delta != "" {
+		return c.runDelta(s, args)
+	}
+	if c.output != "human" {
+		return usageErrorf("--output goes with --delta")
 	}
 	if len(args) != 1 {
 		return usageErrorf("expected FILE, got %d arguments", len(args))

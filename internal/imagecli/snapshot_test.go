@@ -62,7 +62,7 @@ func TestSnapshotCommand(t *testing.T) {
 	}
 	runCLI(t, "check", path).expect(t, 0, "No errors were found", "")
 
-	runCLI(t, "snapshot", path).expect(t, 1, "", "exactly one of -c, -l, -d and -a")
+	runCLI(t, "snapshot", path).expect(t, 1, "", "exactly one of -c, -l, -d, -a and --delta")
 	runCLI(t, "snapshot", "-c", "a", "-d", "b", path).expect(t, 1, "", "exactly one of")
 	runCLI(t, "snapshot", "-l").expect(t, 1, "", "expected FILE")
 	if _, err := exec.LookPath("qemu-img"); err == nil {

@@ -12,6 +12,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"net"
 	"sync"
 	"sync/atomic"
 
@@ -23,11 +24,13 @@ import (
 // Version is reported by GetPluginInfo.
 var Version = "0.1.0"
 
-// Driver implements the CSI identity, controller and node services.
+// Driver implements the CSI identity, controller, node and (if enabled)
+// snapshot metadata services.
 type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedSnapshotMetadataServer
 
 	opts     Options
 	store    *store
@@ -35,8 +38,12 @@ type Driver struct {
 	mounter  Mounter
 	attacher Attacher
 
-	mu     sync.Mutex // guards staged; never held across I/O
-	staged map[string]*stagedVolume
+	// metadataTLS is set when the SnapshotMetadata service is on.
+	metadataTLS *metadataTLS
+
+	mu           sync.Mutex // guards staged and metadataAddr; never held across I/O
+	staged       map[string]*stagedVolume
+	metadataAddr net.Addr // where the snapshot metadata TLS listener is bound
 }
 
 // stagedVolume is a volume this process serves: its open image and the
@@ -63,9 +70,13 @@ func New(opts Options, m Mounter, a Attacher) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	mt, err := setupSnapshotMetadata(opts)
+	if err != nil {
+		return nil, err
+	}
 	return &Driver{
 		opts: opts, store: s, locks: newInflight(),
-		mounter: m, attacher: a,
+		mounter: m, attacher: a, metadataTLS: mt,
 		staged: map[string]*stagedVolume{},
 	}, nil
 }

@@ -154,11 +154,20 @@ type testEnv struct {
 
 func newTestEnv(t *testing.T) *testEnv {
 	t.Helper()
+	return newTestEnvWith(t, nil)
+}
+
+// newTestEnvWith is newTestEnv with options changed by set (may be nil).
+func newTestEnvWith(t *testing.T, set func(*Options)) *testEnv {
+	t.Helper()
 	dir := t.TempDir()
 	opts := DefaultOptions()
 	opts.Endpoint = "unix://" + dir + "/csi.sock"
 	opts.NodeID = "node-1"
 	opts.DataDir = dir + "/data"
+	if set != nil {
+		set(&opts)
+	}
 	e := &testEnv{opts: opts, mounter: newFakeMounter(), attacher: newFakeAttacher(), endpoint: opts.Endpoint}
 	d, err := New(opts, e.mounter, e.attacher)
 	if err != nil {

@@ -23,6 +23,9 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 	if d.opts.Mode.controller() {
 		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE))
 	}
+	if d.metadataTLS != nil {
+		caps = append(caps, svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE))
+	}
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil
 }
 

@@ -3,8 +3,10 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -90,6 +92,23 @@ type Options struct {
 	// host sees it, the endpoint kubelet is told to call. Required with
 	// PluginRegistrationDir.
 	KubeletRegistrationPath string
+	// SnapshotMetadataAddress, if set, enables the CSI SnapshotMetadata
+	// service (changed-block tracking, snapshotmetadata.go): on the CSI
+	// socket, as the spec wants every service there, and over mutual TLS
+	// on this host:port for clients off the node (metadatatls.go). There
+	// is no plain-TCP form.
+	SnapshotMetadataAddress string
+	// SnapshotMetadataTLSCert and SnapshotMetadataTLSKey are the server's
+	// PEM certificate (chain) and key; SnapshotMetadataClientCA the PEM CA
+	// bundle a client's certificate must verify against. All three are
+	// required with SnapshotMetadataAddress and are reread when they change.
+	SnapshotMetadataTLSCert  string
+	SnapshotMetadataTLSKey   string
+	SnapshotMetadataClientCA string
+	// SnapshotMetadataOptional leaves the service off, logged, instead of
+	// failing start when a TLS file does not exist: for manifests that
+	// mount an optional Secret, so they run before the Secret is made.
+	SnapshotMetadataOptional bool
 }
 
 // DefaultOptions are the flag defaults.
@@ -127,6 +146,14 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"kubelet's plugins_registry directory as mounted here, e.g. /registration: serve kubelet plugin registration on DIR/<driver-name>-reg.sock (default off)")
 	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", o.KubeletRegistrationPath,
 		"the CSI socket's absolute path as kubelet on the host sees it, e.g. /var/lib/kubelet/plugins/"+DefaultDriverName+"/csi.sock (required with --plugin-registration-dir)")
+	fs.StringVar(&o.SnapshotMetadataAddress, "snapshot-metadata-address", o.SnapshotMetadataAddress,
+		"serve the CSI SnapshotMetadata service (changed-block tracking) on the CSI socket and over mutual TLS at ADDRESS, e.g. :50051 (default off; needs the three --snapshot-metadata-tls/client-ca files)")
+	fs.StringVar(&o.SnapshotMetadataTLSCert, "snapshot-metadata-tls-cert", o.SnapshotMetadataTLSCert, "PEM certificate (chain) of the snapshot metadata TLS server")
+	fs.StringVar(&o.SnapshotMetadataTLSKey, "snapshot-metadata-tls-key", o.SnapshotMetadataTLSKey, "PEM private key of the snapshot metadata TLS server")
+	fs.StringVar(&o.SnapshotMetadataClientCA, "snapshot-metadata-client-ca", o.SnapshotMetadataClientCA,
+		"PEM CA bundle that snapshot metadata clients' certificates must chain to (clients without one are refused)")
+	fs.BoolVar(&o.SnapshotMetadataOptional, "snapshot-metadata-optional", o.SnapshotMetadataOptional,
+		"if a snapshot metadata TLS file does not exist, leave the service off (logged) instead of failing: for an optional Secret")
 }
 
 // Validate checks the options and cleans DataDir.
@@ -165,8 +192,31 @@ func (o *Options) Validate() error {
 		errs = append(errs, fmt.Errorf("--nbd-io-timeout %v: want 0, or whole milliseconds of at least 1s", t))
 	}
 	errs = append(errs, o.validateRegistration()...)
+	errs = append(errs, o.validateSnapshotMetadata()...)
 	return errors.Join(errs...)
 }
+
+// validateSnapshotMetadata checks that the snapshot metadata flags come
+// together; whether the files exist and parse is judged at New.
+func (o *Options) validateSnapshotMetadata() []error {
+	files := []string{o.SnapshotMetadataTLSCert, o.SnapshotMetadataTLSKey, o.SnapshotMetadataClientCA}
+	if o.SnapshotMetadataAddress == "" {
+		if slices.ContainsFunc(files, func(f string) bool { return f != "" }) || o.SnapshotMetadataOptional {
+			return []error{errors.New("--snapshot-metadata-tls-cert, -tls-key, -client-ca or -optional is set but --snapshot-metadata-address is not: nothing would serve them")}
+		}
+		return nil
+	}
+	var errs []error
+	if _, _, err := net.SplitHostPort(o.SnapshotMetadataAddress); err != nil {
+		errs = append(errs, fmt.Errorf("--snapshot-metadata-address %q: want HOST:PORT, e.g. :50051", o.SnapshotMetadataAddress))
+	}
+	if slices.Contains(files, "") {
+		errs = append(errs, errors.New("--snapshot-metadata-address needs --snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca (mutual TLS; there is no plain TCP)"))
+	}
+	return errs
+}
+
+func (o *Options) snapshotMetadata() bool { return o.SnapshotMetadataAddress != "" }
 
 // maxSocketPath is the longest path a unix socket can be bound or dialled
 // at: sun_path is 108 bytes on Linux, with a terminating NUL.

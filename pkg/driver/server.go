@@ -74,6 +74,10 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 		}
 	}
 	srv := d.NewGRPCServer(m.unaryInterceptor)
+	metadataDone, err := d.startSnapshotMetadata(ctx)
+	if err != nil {
+		return fmt.Errorf("snapshot metadata: %w", err)
+	}
 	registered, err := d.startRegistration(ctx)
 	if err != nil {
 		return fmt.Errorf("plugin registration: %w", err)
@@ -91,6 +95,7 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	close(done)
 	cancel()
 	<-registered
+	<-metadataDone
 	d.flushStaged()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
@@ -122,11 +127,16 @@ func (d *Driver) startRegistration(ctx context.Context) (<-chan struct{}, error)
 	return done, nil
 }
 
-// NewGRPCServer registers the services of d.opts.Mode. Interceptors given
-// run outside logAndMapErrors, so they see the mapped gRPC status.
+// NewGRPCServer registers the services of d.opts.Mode, and SnapshotMetadata
+// when it is on. Interceptors given run outside logAndMapErrors, so they
+// see the mapped gRPC status.
 func (d *Driver) NewGRPCServer(outer ...grpc.UnaryServerInterceptor) *grpc.Server {
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append(outer, logAndMapErrors)...))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append(outer, logAndMapErrors)...),
+		grpc.ChainStreamInterceptor(logAndMapStreamErrors))
 	csi.RegisterIdentityServer(srv, d)
+	if d.metadataTLS != nil {
+		csi.RegisterSnapshotMetadataServer(srv, d)
+	}
 	if d.opts.Mode.controller() {
 		csi.RegisterControllerServer(srv, d)
 	}
@@ -147,6 +157,18 @@ func logAndMapErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, h
 		return nil, err
 	}
 	return resp, nil
+}
+
+// logAndMapStreamErrors is logAndMapErrors for streaming RPCs (the
+// SnapshotMetadata service's).
+func logAndMapStreamErrors(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	klog.V(4).InfoS("Streaming RPC", "method", info.FullMethod)
+	if err := handler(srv, ss); err != nil {
+		err = toStatus(err)
+		klog.ErrorS(err, "RPC failed", "method", info.FullMethod, "code", status.Code(err).String())
+		return err
+	}
+	return nil
 }
 
 // flushStaged makes what staged volumes acknowledged durable before the

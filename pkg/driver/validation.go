@@ -263,3 +263,31 @@ func requireArgs(pairs ...string) error {
 	}
 	return nil
 }
+
+// validateGetMetadataAllocatedRequest and validateGetMetadataDeltaRequest
+// check the arguments as the spec's error tables ask: a missing id or a
+// negative max_results is InvalidArgument, a negative starting offset
+// OutOfRange (one past the snapshot's end is judged once it is read).
+func validateGetMetadataAllocatedRequest(req *csi.GetMetadataAllocatedRequest) error {
+	if req.GetSnapshotId() == "" {
+		return newError(errInvalid, "snapshot id is required")
+	}
+	return validateMetadataWindow(req.GetStartingOffset(), req.GetMaxResults())
+}
+
+func validateGetMetadataDeltaRequest(req *csi.GetMetadataDeltaRequest) error {
+	if req.GetBaseSnapshotId() == "" || req.GetTargetSnapshotId() == "" {
+		return newError(errInvalid, "base and target snapshot ids are required")
+	}
+	return validateMetadataWindow(req.GetStartingOffset(), req.GetMaxResults())
+}
+
+func validateMetadataWindow(start int64, maxResults int32) error {
+	if start < 0 {
+		return newError(errOutOfRange, "starting offset %d is negative", start)
+	}
+	if maxResults < 0 {
+		return newError(errInvalid, "max results %d is negative", maxResults)
+	}
+	return nil
+}

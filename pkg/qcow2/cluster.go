@@ -70,8 +70,12 @@ func (img *Image) lookupL1(l1 []l1Entry, guestOff int64) (l2Entry, error) {
 	if err != nil {
 		return 0, err
 	}
-	e := s.l2(pos)
-	if !e.compressed() && e.offset()%img.clusterSize != 0 {
+	return img.vetL2Entry(s.l2(pos), guestOff)
+}
+
+// vetL2Entry refuses an L2 entry whose cluster offset is unaligned.
+func (img *Image) vetL2Entry(e l2Entry, guestOff int64) (l2Entry, error) {
+	if !e.compressed() && e.offset()&(img.clusterSize-1) != 0 {
 		return 0, img.markCorrupt("L2 entry for guest offset %#x is unaligned (%#x)", guestOff, uint64(e))
 	}
 	return e, nil

@@ -100,6 +100,16 @@ func fuzzSnapshotOps(t *testing.T, b []byte) {
 		}
 		v.Close()
 	}
+	if len(snaps) > 0 {
+		// The first 64 MiB: a hostile table may claim a huge disk.
+		first, last := snaps[0].ID, snaps[len(snaps)-1].ID
+		if _, err := ro.SnapshotDelta(first, last, 0, 64<<20); err != nil && !acceptableErr(err) {
+			t.Fatalf("SnapshotDelta(%q, %q): undocumented error %v", first, last, err)
+		}
+		if _, err := ro.SnapshotAllocated(last, 0, 64<<20); err != nil && !acceptableErr(err) {
+			t.Fatalf("SnapshotAllocated(%q): undocumented error %v", last, err)
+		}
+	}
 	ro.Close()
 
 	f := newMemFile(b)
