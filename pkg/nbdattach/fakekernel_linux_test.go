@@ -33,6 +33,7 @@ type fakeKernel struct {
 	calls        []string
 	connectErr   error
 	flushErr     error
+	claimErr     error // claim fails with it (a mounted device)
 	ioTimeoutErr error // setIOTimeout fails with it
 	staysOpen    bool  // the device is held open after a disconnect
 	resizeNoop   bool  // reconfigure ignores Size (an old kernel)
@@ -173,6 +174,13 @@ func (k *fakeKernel) flush(ctx context.Context, index int) error {
 	defer k.mu.Unlock()
 	k.record("flush %d", index)
 	return k.flushErr
+}
+
+func (k *fakeKernel) claim(index int) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.record("claim %d", index)
+	return k.claimErr
 }
 
 func (k *fakeKernel) setIOTimeout(index int, d time.Duration) error {
