@@ -34,6 +34,9 @@ type Driver struct {
 	locks    *inflight
 	mounter  Mounter
 	attacher Attacher
+	// cluster, if set, is what the orphan checker asks (orphans.go); Run
+	// sets it from --orphan-check.
+	cluster ClusterObjects
 
 	mu     sync.Mutex // guards staged; never held across I/O
 	staged map[string]*stagedVolume

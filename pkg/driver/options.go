@@ -90,7 +90,29 @@ type Options struct {
 	// host sees it, the endpoint kubelet is told to call. Required with
 	// PluginRegistrationDir.
 	KubeletRegistrationPath string
+	// OrphanCheck turns the orphan checker (orphans.go) on or off: auto
+	// runs it when the process is in a cluster (KUBERNETES_SERVICE_HOST
+	// is set), on requires it, off never runs it. It runs in modes with
+	// the controller service, with in-cluster credentials only.
+	OrphanCheck string
+	// OrphanCheckInterval is the time between orphan checks.
+	OrphanCheckInterval time.Duration
+	// OrphanGrace: a volume or snapshot created less than this long ago
+	// is never an orphan (its PV or VolumeSnapshotContent may not exist
+	// yet).
+	OrphanGrace time.Duration
+	// DeleteOrphansAfter, if set, deletes (through DeleteVolume and
+	// DeleteSnapshot) what every check for this long found orphaned.
+	// 0, the default, never deletes.
+	DeleteOrphansAfter time.Duration
 }
+
+// Orphan check settings.
+const (
+	OrphanCheckAuto = "auto"
+	OrphanCheckOn   = "on"
+	OrphanCheckOff  = "off"
+)
 
 // DefaultOptions are the flag defaults.
 func DefaultOptions() Options {
@@ -102,6 +124,10 @@ func DefaultOptions() Options {
 		NBDConnections:  1,
 		NBDIOTimeout:    5 * time.Second,
 		DeadConnTimeout: 2 * time.Minute,
+
+		OrphanCheck:         OrphanCheckAuto,
+		OrphanCheckInterval: 10 * time.Minute,
+		OrphanGrace:         time.Hour,
 	}
 }
 
@@ -127,6 +153,13 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"kubelet's plugins_registry directory as mounted here, e.g. /registration: serve kubelet plugin registration on DIR/<driver-name>-reg.sock (default off)")
 	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", o.KubeletRegistrationPath,
 		"the CSI socket's absolute path as kubelet on the host sees it, e.g. /var/lib/kubelet/plugins/"+DefaultDriverName+"/csi.sock (required with --plugin-registration-dir)")
+	fs.StringVar(&o.OrphanCheck, "orphan-check", o.OrphanCheck,
+		"report volumes and snapshots of the data dir that no PersistentVolume or VolumeSnapshotContent names (metric "+metricOrphans+" and a log line): auto (when in a cluster), on or off; needs the controller service and in-cluster credentials")
+	fs.DurationVar(&o.OrphanCheckInterval, "orphan-check-interval", o.OrphanCheckInterval, "time between orphan checks (the first is at start)")
+	fs.DurationVar(&o.OrphanGrace, "orphan-grace", o.OrphanGrace,
+		"a volume or snapshot created less than this long ago is never an orphan (a CreateVolume in flight has no PV yet)")
+	fs.DurationVar(&o.DeleteOrphansAfter, "delete-orphans-after", o.DeleteOrphansAfter,
+		"delete, through DeleteVolume and DeleteSnapshot, what every orphan check for this long found orphaned; staged volumes never (default 0: never delete, only report)")
 }
 
 // Validate checks the options and cleans DataDir.
@@ -165,7 +198,31 @@ func (o *Options) Validate() error {
 		errs = append(errs, fmt.Errorf("--nbd-io-timeout %v: want 0, or whole milliseconds of at least 1s", t))
 	}
 	errs = append(errs, o.validateRegistration()...)
+	errs = append(errs, o.validateOrphans()...)
 	return errors.Join(errs...)
+}
+
+func (o *Options) validateOrphans() []error {
+	var errs []error
+	switch o.OrphanCheck {
+	case OrphanCheckAuto, OrphanCheckOn:
+		if o.OrphanCheck == OrphanCheckOn && !o.Mode.controller() {
+			errs = append(errs, fmt.Errorf("--orphan-check=on with --mode %s: orphans are deleted through the controller service (want --mode all or controller)", o.Mode))
+		}
+		if o.OrphanCheckInterval <= 0 {
+			errs = append(errs, fmt.Errorf("--orphan-check-interval %v: want a positive duration", o.OrphanCheckInterval))
+		}
+	case OrphanCheckOff:
+		if o.DeleteOrphansAfter != 0 {
+			errs = append(errs, errors.New("--delete-orphans-after with --orphan-check=off: nothing would find orphans"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--orphan-check %q: want auto, on or off", o.OrphanCheck))
+	}
+	if o.OrphanGrace < 0 || o.DeleteOrphansAfter < 0 {
+		errs = append(errs, errors.New("--orphan-grace and --delete-orphans-after must not be negative"))
+	}
+	return errs
 }
 
 // maxSocketPath is the longest path a unix socket can be bound or dialled
