@@ -202,7 +202,8 @@ func (a *Attacher) Release(ctx context.Context, index int) error {
 // Connection is what /sys/block says of a connected device.
 type Connection struct {
 	Index int
-	// PID is the process that started the device, numbered in the
+	// PID is the task that started the device (the thread that sent the
+	// connect, so a thread of the attaching process), numbered in the
 	// initial pid namespace. It may have exited since: the kernel keeps
 	// a device whose sockets died connected until it is disconnected.
 	PID int

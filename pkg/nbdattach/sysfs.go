@@ -14,8 +14,9 @@ import (
 // Reading nbd devices from sysfs. The functions take an fs.FS rooted at
 // /sys/block so that tests can hand them an fstest.MapFS.
 //
-//	/sys/block/nbdN/pid      the process that started the device (its pid in
-//	                         the initial pid namespace); present only while
+//	/sys/block/nbdN/pid      the task that started the device (the thread that
+//	                         connected it, its id in the initial pid
+//	                         namespace); present only while
 //	                         the device is started (connected), and still
 //	                         there after that process died
 //	/sys/block/nbdN/size     capacity in 512-byte sectors
