@@ -56,14 +56,16 @@ func (d *Driver) Listen() (net.Listener, error) {
 // writable by others.
 const socketMode = 0o660
 
-// ServeOn recovers staged volumes and serves on l until ctx is done, then
-// stops gracefully. The HTTP endpoints, the orphan checker and the plugin
-// registration socket stop with it.
+// ServeOn recovers staged volumes, releases the devices no staged record
+// accounts for, and serves on l until ctx is done, then stops gracefully.
+// The HTTP endpoints, the orphan checker and the plugin registration socket
+// stop with it.
 func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if d.opts.Mode.node() {
 		d.recoverStaged(ctx)
+		d.releaseLeftovers(ctx)
 	}
 	m := newMetrics(d.store)
 	if d.opts.MetricsAddress != "" {
