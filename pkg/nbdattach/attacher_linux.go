@@ -184,11 +184,28 @@ func (a *Attacher) Disconnect(ctx context.Context, index int) error {
 // gone is the caller's judgement (see Connection); Release of a device that
 // is still served disconnects it all the same, without a flush.
 //
+// Over netlink it first sets the device's dead-connection timeout to 0
+// (a RECONFIGURE with no sockets): the O_EXCL open that tells a mounted
+// device makes the kernel scan a device nobody opened since it was
+// connected for partitions, and that read would otherwise wait the whole
+// timeout (the driver's is minutes) for a reconnect. A mounted device's
+// queued I/O fails from then on too, as it would have once the timeout
+// ran out with nobody to reconnect.
+//
 // It fails with ErrNotFound if there is no such nbd device, and with
 // ErrNotConnected if it is not connected.
 func (a *Attacher) Release(ctx context.Context, index int) error {
-	if _, err := a.Connection(index); err != nil {
+	c, err := a.Connection(index)
+	if err != nil {
 		return err
+	}
+	if a.ctl.iface() == InterfaceNetlink {
+		// The kernel refuses a RECONFIGURE that does not name the
+		// backend the device was attached with.
+		cfg := deviceConfig{Index: index, NoDeadConnTimeout: true, Identifier: c.Backend}
+		if err := a.ctl.reconfigure(ctx, cfg); err != nil {
+			return fmt.Errorf("nbdattach: releasing nbd%d: %w", index, err)
+		}
 	}
 	if err := a.dev.claim(index); err != nil {
 		return fmt.Errorf("nbdattach: releasing nbd%d: %w", index, err)

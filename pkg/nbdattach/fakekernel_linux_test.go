@@ -133,6 +133,9 @@ func (k *fakeKernel) reconfigure(ctx context.Context, c deviceConfig) error {
 	if c.Size > 0 && !k.resizeNoop {
 		d.cfg.Size = c.Size
 	}
+	if c.NoDeadConnTimeout {
+		d.cfg.DeadConnTimeout = 0
+	}
 	for _, fd := range c.SocketFDs {
 		for i, s := range d.socks {
 			if s.isDead() { // like nbd_reconnect_socket: only dead slots

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"slices"
 	"testing"
+	"time"
 )
 
 // TestReleaseDeadDevice: a device whose server died (the process that
@@ -14,7 +15,7 @@ import (
 func TestReleaseDeadDevice(t *testing.T) {
 	k := newFakeKernel(t, InterfaceNetlink, 2)
 	e, _ := newMemExport(t, 1<<20)
-	old, err := k.attacher().Attach(attachCtx(t), e, AttachOptions{Index: 1, Connections: 1, Identifier: "/img/a.qcow2"})
+	old, err := k.attacher().Attach(attachCtx(t), e, AttachOptions{Index: 1, Connections: 1, Identifier: "/img/a.qcow2", DeadConnTimeout: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,12 +46,15 @@ func TestReleaseDeadDevice(t *testing.T) {
 	if k.device(1).cfg == nil {
 		t.Fatal("a mounted device was disconnected")
 	}
+	if d := k.device(1).cfg.DeadConnTimeout; d != 0 {
+		t.Errorf("dead-connection timeout %v after Release, want 0: the partition scan of the O_EXCL open would wait it out", d)
+	}
 	k.claimErr = nil
 	before := len(k.callLog())
 	if err := a.Release(attachCtx(t), 1); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := k.callLog()[before:], []string{"claim 1", "disconnect 1"}; !slices.Equal(got, want) {
+	if got, want := k.callLog()[before:], []string{"reconfigure 1", "claim 1", "disconnect 1"}; !slices.Equal(got, want) {
 		t.Errorf("Release called %q, want %q (no flush)", got, want)
 	}
 	if _, err := a.Connection(1); !errors.Is(err, ErrNotConnected) {
