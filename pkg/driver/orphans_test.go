@@ -127,16 +127,18 @@ func (e *orphanEnv) wantGauges(t *testing.T, volumes, snapshots float64) {
 
 func (e *orphanEnv) volumeExists(t *testing.T, id string) bool {
 	t.Helper()
-	_, err := e.d.store.readVolume(id)
-	if err != nil && !errors.Is(err, errNotFound) {
-		t.Fatal(err)
-	}
-	return err == nil
+	return e.exists(t, "volumes", id)
 }
 
 func (e *orphanEnv) snapshotExists(t *testing.T, id string) bool {
 	t.Helper()
-	_, err := e.d.store.readSnapshot(id)
+	return e.exists(t, "snapshots", id)
+}
+
+// exists: the data dir has metadata for id.
+func (e *orphanEnv) exists(t *testing.T, kind, id string) bool {
+	t.Helper()
+	err := e.d.store.read(kind, id, &struct{}{})
 	if err != nil && !errors.Is(err, errNotFound) {
 		t.Fatal(err)
 	}
