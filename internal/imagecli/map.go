@@ -20,7 +20,7 @@ func mapSpec() spec {
 	return spec{
 		name:     "map",
 		synopsis: "[-f FMT] [-r] [--device /dev/nbdN] [-c CONNECTIONS] FILE | -d /dev/nbdN",
-		summary:  "Attach an image to /dev/nbdN until SIGTERM or SIGINT, like qemu-nbd -c.",
+		summary:  "Attach an image to /dev/nbdN until SIGTERM or SIGINT, like qemu-nbd -c; -d disconnects one.",
 		help: `Serves FILE (a qcow2 image with its backing chain, or a raw file) from this
 process and attaches it to the first free /dev/nbdN, or to --device, through
 the kernel's netlink interface (its ioctls on kernels without it). It prints
