@@ -99,7 +99,22 @@ func (o *orphanChecker) check(ctx context.Context) {
 type candidate struct {
 	id        string
 	createdAt time.Time
-	staged    bool // volumes: in use on this node
+	// Volumes only: the newest of their snapshots' creation times (a
+	// volume snapshotted within the grace period is young too), how many
+	// they have, and whether they are in use on this node.
+	snapshottedAt time.Time
+	snapshots     int
+	staged        bool
+	// Snapshots only: the volume whose image holds it.
+	sourceVolumeID string
+}
+
+// newest is when the candidate was last created or snapshotted.
+func (c candidate) newest() time.Time {
+	if c.snapshottedAt.After(c.createdAt) {
+		return c.snapshottedAt
+	}
+	return c.createdAt
 }
 
 func (o *orphanChecker) checkKind(ctx context.Context, kind string,
@@ -139,9 +154,10 @@ func (o *orphanChecker) judge(ctx context.Context, kind string, handles map[stri
 		}
 		// Never an orphan within the grace period: a volume whose
 		// CreateVolume is in flight, or just returned, has no PV yet (a
-		// snapshot, no handle in its VolumeSnapshotContent). A creation
-		// time in the future (a clock step) counts as young too.
-		if now.Sub(c.createdAt) < o.grace {
+		// snapshot, no handle in its VolumeSnapshotContent), and one
+		// just snapshotted is in use. A time in the future (a clock
+		// step) counts as young too.
+		if now.Sub(c.newest()) < o.grace {
 			continue
 		}
 		n++
@@ -151,7 +167,7 @@ func (o *orphanChecker) judge(ctx context.Context, kind string, handles map[stri
 			first = now
 			o.since[c.id] = now
 			klog.InfoS("Found an orphan: no "+clusterObjectOf(kind)+" names it", "kind", kind, "id", c.id,
-				"createdAt", c.createdAt, "staged", c.staged, "deleteAfter", o.deleteAfter)
+				"createdAt", c.createdAt, "staged", c.staged, "snapshots", c.snapshots, "deleteAfter", o.deleteAfter)
 		}
 		// Deleted only when --delete-orphans-after asks, and only once
 		// it has been seen orphaned at every check for that long.
@@ -159,8 +175,11 @@ func (o *orphanChecker) judge(ctx context.Context, kind string, handles map[stri
 			continue
 		}
 		// A staged volume is in use: never deleted (deleteVolumeLocked
-		// refuses it too, under the lock).
-		if c.staged {
+		// refuses it too, under the lock). A volume with snapshots holds
+		// them (they are internal to its image): it waits until they
+		// are gone, deleted as orphans themselves or by their owner
+		// (DeleteVolume would refuse it).
+		if c.staged || c.snapshots > 0 {
 			continue
 		}
 		if err := del(ctx, c); err != nil {
@@ -203,13 +222,26 @@ func (o *orphanChecker) volumeCandidates() ([]candidate, error) {
 	if err != nil {
 		return nil, err
 	}
+	snaps, err := o.snapshotCandidates()
+	if err != nil {
+		return nil, err
+	}
 	var cs []candidate
 	for _, id := range ids {
 		m, err := o.d.store.readVolume(id)
 		if err != nil {
 			continue // deleted since the listing, or not ours to judge
 		}
-		cs = append(cs, candidate{id: id, createdAt: m.CreatedAt, staged: o.d.isStaged(id)})
+		c := candidate{id: id, createdAt: m.CreatedAt, staged: o.d.isStaged(id)}
+		for _, s := range snaps {
+			if s.sourceVolumeID == id {
+				c.snapshots++
+				if s.createdAt.After(c.snapshottedAt) {
+					c.snapshottedAt = s.createdAt
+				}
+			}
+		}
+		cs = append(cs, c)
 	}
 	return cs, nil
 }
@@ -222,7 +254,7 @@ func (o *orphanChecker) snapshotCandidates() ([]candidate, error) {
 	var cs []candidate
 	for _, id := range ids {
 		if m, err := o.d.store.readSnapshot(id); err == nil {
-			cs = append(cs, candidate{id: id, createdAt: m.CreatedAt})
+			cs = append(cs, candidate{id: id, createdAt: m.CreatedAt, sourceVolumeID: m.SourceVolumeID})
 		}
 	}
 	return cs, nil

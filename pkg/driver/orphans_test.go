@@ -378,3 +378,39 @@ func TestOrphanCheckerServed(t *testing.T) {
 	}
 	t.Fatalf("/metrics has no %q:\n%s", want, out)
 }
+
+// TestOrphanVolumeWithSnapshots: a volume whose PV is gone but whose
+// snapshot a VolumeSnapshotContent still names is reported, never
+// deleted (its image holds the snapshot); and a volume snapshotted within
+// the grace period is young, however old it is.
+func TestOrphanVolumeWithSnapshots(t *testing.T) {
+	e := newOrphanEnv(t, time.Hour, time.Minute)
+	vol := e.mustCreate(t, createReq("pvc-old", 1<<20, nil)).GetVolumeId()
+	m, err := e.d.store.readVolume(vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.CreatedAt = e.clock.Add(-24 * time.Hour)
+	if err := e.d.store.write("volumes", vol, m); err != nil {
+		t.Fatal(err)
+	}
+	snap := e.mustSnapshot(t, "snap-kept", vol)
+	e.cluster.add(snap)
+
+	e.checkAfter(30 * time.Minute)
+	e.wantGauges(t, 0, 0) // snapshotted 30 min ago: young
+	e.checkAfter(time.Hour)
+	e.wantGauges(t, 1, 0)
+	for range 3 {
+		e.checkAfter(24 * time.Hour)
+	}
+	if !e.volumeExists(t, vol) || !e.snapshotExists(t, snap) {
+		t.Fatal("a volume holding a snapshot the cluster names was deleted")
+	}
+	e.cluster.remove(snap) // the snapshot goes too: both are orphans now
+	e.checkAfter(time.Minute)
+	e.checkAfter(time.Minute)
+	if e.snapshotExists(t, snap) || e.volumeExists(t, vol) {
+		t.Errorf("after a minute of both orphaned: snapshot %v, volume %v; want both deleted, the snapshot first", e.snapshotExists(t, snap), e.volumeExists(t, vol))
+	}
+}
