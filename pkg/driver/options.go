@@ -107,6 +107,9 @@ type Options struct {
 	DeleteOrphansAfter time.Duration
 }
 
+// minOrphanGrace is the shortest --orphan-grace deletion is allowed with.
+const minOrphanGrace = time.Minute
+
 // Orphan check settings.
 const (
 	OrphanCheckAuto = "auto"
@@ -221,6 +224,11 @@ func (o *Options) validateOrphans() []error {
 	}
 	if o.OrphanGrace < 0 || o.DeleteOrphansAfter < 0 {
 		errs = append(errs, errors.New("--orphan-grace and --delete-orphans-after must not be negative"))
+	}
+	// The grace period also covers what is created between a check's
+	// cluster listing and its data dir listing.
+	if o.DeleteOrphansAfter > 0 && o.OrphanGrace < minOrphanGrace {
+		errs = append(errs, fmt.Errorf("--orphan-grace %v with --delete-orphans-after: want at least %v (a volume whose CreateVolume just returned has no PV yet)", o.OrphanGrace, minOrphanGrace))
 	}
 	return errs
 }

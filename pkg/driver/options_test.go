@@ -30,6 +30,8 @@ func TestOptionsValidateOrphans(t *testing.T) {
 		{"delete with the check off", func(o *Options) { o.OrphanCheck, o.DeleteOrphansAfter = OrphanCheckOff, time.Hour }, "nothing would find orphans"},
 		{"negative grace", func(o *Options) { o.OrphanGrace = -time.Second }, "must not be negative"},
 		{"negative delete", func(o *Options) { o.DeleteOrphansAfter = -time.Second }, "must not be negative"},
+		{"no grace, reporting only", func(o *Options) { o.OrphanGrace = 0 }, ""},
+		{"no grace, deleting", func(o *Options) { o.OrphanGrace, o.DeleteOrphansAfter = 0, time.Hour }, "want at least 1m0s"},
 	})
 }
 
