@@ -46,6 +46,7 @@ guest:
 	hack/vm/csi-sanity-guest.sh
 	hack/vm/e2e-driver.sh
 	hack/vm/e2e-map.sh
+	hack/vm/test-imagecli.sh
 
 bench:
 	hack/bench-qcow2.sh

@@ -19,8 +19,8 @@ import (
 func mapSpec() spec {
 	return spec{
 		name:     "map",
-		synopsis: "[-f FMT] [-r] [--device /dev/nbdN] [-c CONNECTIONS] FILE",
-		summary:  "Attach an image to /dev/nbdN until SIGTERM or SIGINT, like qemu-nbd -c.",
+		synopsis: "[-f FMT] [-r] [--device /dev/nbdN] [-c CONNECTIONS] FILE | -d /dev/nbdN",
+		summary:  "Attach an image to /dev/nbdN until SIGTERM or SIGINT, like qemu-nbd -c; -d disconnects one.",
 		help: `Serves FILE (a qcow2 image with its backing chain, or a raw file) from this
 process and attaches it to the first free /dev/nbdN, or to --device, through
 the kernel's netlink interface (its ioctls on kernels without it). It prints
@@ -43,11 +43,23 @@ host disk stalls I/O instead of failing it, which would turn ext4 or xfs
 read-only. -c sets the number of sockets, each a kernel queue served
 concurrently (default one per CPU, at most 8).
 
+-d /dev/nbdN disconnects a device instead, as qemu-nbd -d does. If the
+process that attached it (its thread in /sys/block/nbdN/pid) is running, the device
+is flushed, then disconnected, and a map serving it exits 0. If that process
+is gone (map was SIGKILLed: the kernel keeps the device connected, every I/O
+failing), there is nothing to flush to and the device is released at once.
+A mounted device is refused either way, and so is one the CSI driver
+attached (backend vol-...). Whether the attaching process is gone can only
+be told from the host's pid namespace; from another one, -d only flushes
+and disconnects.
+
 Needs root and the nbd kernel module. The process marks itself
 PR_SET_IO_FLUSHER, so that memory reclaim cannot deadlock on the device it
 serves; where it cannot, it says so on stderr and carries on.
 `,
-		new: func() subcommand { return &mapCmd{newAttacher: newHostAttacher} },
+		new: func() subcommand {
+			return &mapCmd{newAttacher: newHostAttacher, newDeviceControl: newHostDeviceControl, processState: hostProcessState}
+		},
 	}
 }
 
@@ -56,8 +68,11 @@ type mapCmd struct {
 	readOnly    bool
 	device      string
 	connections int
+	disconnect  string
 
-	newAttacher func() (attacher, error)
+	newAttacher      func() (attacher, error)
+	newDeviceControl func() (deviceControl, error)
+	processState     func(pid int) owner
 }
 
 func (c *mapCmd) flags(fs *pflag.FlagSet) {
@@ -65,6 +80,7 @@ func (c *mapCmd) flags(fs *pflag.FlagSet) {
 	fs.BoolVarP(&c.readOnly, "read-only", "r", false, "attach read-only")
 	fs.StringVar(&c.device, "device", "", "attach to this device, /dev/nbdN (default: the first free one)")
 	fs.IntVarP(&c.connections, "connections", "c", 0, "number of sockets, one kernel queue each (default: one per CPU, at most 8)")
+	fs.StringVarP(&c.disconnect, "disconnect", "d", "", "disconnect this device, /dev/nbdN, instead of attaching (releases one a killed map left)")
 }
 
 // attacher and attachedDevice are the part of nbdattach's Attacher and
@@ -104,15 +120,15 @@ type hostDevice struct{ d *nbdattach.Device }
 func (h hostDevice) path() string                     { return h.d.Path }
 func (h hostDevice) detach(ctx context.Context) error { return h.d.Detach(ctx) }
 
-// parseDevice returns the index of /dev/nbdN, or AnyIndex for "".
-func parseDevice(dev string) (int, error) {
+// parseNBD returns the index of /dev/nbdN, or AnyIndex for "".
+func parseNBD(flag, dev string) (int, error) {
 	if dev == "" {
 		return nbdattach.AnyIndex, nil
 	}
 	n, ok := strings.CutPrefix(dev, "/dev/nbd")
 	i, err := strconv.Atoi(n)
 	if !ok || err != nil || i < 0 || strconv.Itoa(i) != n {
-		return 0, usageErrorf("--device must be /dev/nbdN, not %q", dev)
+		return 0, usageErrorf("%s must be an nbd device, /dev/nbdN, not %q", flag, dev)
 	}
 	return i, nil
 }
@@ -136,10 +152,13 @@ func (c *mapCmd) attachOptions(index int, path string) nbdattach.AttachOptions {
 }
 
 func (c *mapCmd) run(ctx context.Context, s streams, args []string) error {
+	if c.disconnect != "" {
+		return c.disconnectDevice(ctx, s, args)
+	}
 	if len(args) != 1 {
 		return usageErrorf("expected FILE, got %d arguments", len(args))
 	}
-	index, err := parseDevice(c.device)
+	index, err := parseNBD("--device", c.device)
 	if err != nil {
 		return err
 	}

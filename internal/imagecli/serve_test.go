@@ -134,8 +134,8 @@ func TestServeUsageErrors(t *testing.T) {
 		{[]string{"serve", "-p", "65536", img}, "-p must be a port"},
 		{[]string{"serve", "-b", "0.0.0.0", img}, "refusing to serve on \"0.0.0.0\""},
 		{[]string{"serve", "-b", "192.0.2.1", img}, "--allow-remote"},
-		{[]string{"map", "--device", "/dev/sda", img}, "--device must be /dev/nbdN"},
-		{[]string{"map", "--device", "/dev/nbd01", img}, "--device must be /dev/nbdN"},
+		{[]string{"map", "--device", "/dev/sda", img}, "--device must be an nbd device, /dev/nbdN"},
+		{[]string{"map", "--device", "/dev/nbd01", img}, "--device must be an nbd device, /dev/nbdN"},
 		{[]string{"map", "-c", "-2", img}, "-c must be 0 or more"},
 		{[]string{"map"}, "expected FILE"},
 	} {

@@ -156,30 +156,40 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		return nil, err
 	}
 	defer unlock()
+	if err := d.deleteVolumeLocked(id); err != nil {
+		return nil, err
+	}
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteVolumeLocked deletes volume id, a valid id whose lock the caller
+// holds: DeleteVolume's work, and the orphan checker's (orphans.go). A
+// staged volume, or one with snapshots, is refused.
+func (d *Driver) deleteVolumeLocked(id string) error {
 	if d.stagedVolume(id) != nil {
-		return nil, newError(errFailedPrecondition, "volume %s is staged on this node", id)
+		return newError(errFailedPrecondition, "volume %s is staged on this node", id)
 	}
 	if err := d.notHeldElsewhere(id); err != nil {
-		return nil, err
+		return err
 	}
 	snaps, err := d.snapshotsOf(id)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if len(snaps) > 0 {
-		return nil, newError(errFailedPrecondition, "volume %s has %d snapshot(s) (%s...): delete them first", id, len(snaps), snaps[0])
+		return newError(errFailedPrecondition, "volume %s has %d snapshot(s) (%s...): delete them first", id, len(snaps), snaps[0])
 	}
 	// Metadata first: once it is gone the volume is gone, and a crash
 	// leaves at worst an image without metadata, which the next
 	// DeleteVolume or CreateVolume with this id removes.
 	if err := d.store.remove("volumes", id); err != nil {
-		return nil, err
+		return err
 	}
 	if err := removeDurably(d.store.imagePath(id)); err != nil {
-		return nil, err
+		return err
 	}
 	klog.V(2).InfoS("Deleted volume", "volumeID", id)
-	return &csi.DeleteVolumeResponse{}, nil
+	return nil
 }
 
 // snapshotsOf lists the snapshot ids whose source is volume id.

@@ -37,6 +37,9 @@ type Driver struct {
 	locks    *inflight
 	mounter  Mounter
 	attacher Attacher
+	// cluster, if set, is what the orphan checker asks (orphans.go); Run
+	// sets it from --orphan-check.
+	cluster ClusterObjects
 
 	// metadataTLS is set when the SnapshotMetadata service is on.
 	metadataTLS *metadataTLS

@@ -5,7 +5,6 @@ package driver_test
 // started again each time. Runs in the hack/vm guest (hack/vm/e2e-driver.sh).
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -275,29 +274,13 @@ func deviceInflight(dev string) string {
 // seen them.
 func (e *e2e) checkFresh(v *inflightVolume) {
 	e.t.Helper()
-	img := filepath.Join(e.data, "volumes", v.id+".qcow2")
-	cmd := exec.Command(e.bin, "image", "map", "-r", img)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cmd.Stderr = e.log
-	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
+	cmd, dev := e.imageMap("-r", filepath.Join(e.data, "volumes", v.id+".qcow2"))
 	defer func() {
 		_ = cmd.Process.Signal(unix.SIGTERM)
 		if err := cmd.Wait(); err != nil {
 			e.t.Errorf("image map -r %s: %v", v.id, err)
 		}
 	}()
-	r := bufio.NewReader(out)
-	line, err := r.ReadString('\n') // the device, once it is usable
-	if err != nil {
-		e.t.Fatalf("image map -r %s: %v", v.id, err)
-	}
-	dev := strings.TrimSpace(line)
-	go io.Copy(io.Discard, r)
 
 	fsck := exec.Command("e2fsck", "-fn", dev)
 	if v.fsType == "xfs" {

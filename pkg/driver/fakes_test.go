@@ -22,6 +22,11 @@ type fakeAttacher struct {
 	free      int
 	attached  map[int]*fakeDevice
 	attachErr error
+	// leftovers are connected devices no fakeDevice stands for (left by
+	// an earlier process); Release takes them off and records them.
+	leftovers  []nbdattach.Connection
+	releaseErr error
+	released   []int
 }
 
 func newFakeAttacher() *fakeAttacher {
@@ -30,6 +35,7 @@ func newFakeAttacher() *fakeAttacher {
 
 type fakeDevice struct {
 	a       *fakeAttacher
+	id      string
 	index   int
 	backend nbdattach.Backend
 	size    int64
@@ -48,7 +54,7 @@ func (a *fakeAttacher) Attach(ctx context.Context, id string, b nbdattach.Backen
 	if a.attachErr != nil {
 		return nil, a.attachErr
 	}
-	d := &fakeDevice{a: a, index: a.next, backend: b, size: b.Size(), onError: onError}
+	d := &fakeDevice{a: a, id: id, index: a.next, backend: b, size: b.Size(), onError: onError}
 	a.next++
 	a.attached[d.index] = d
 	return d, nil
@@ -57,7 +63,7 @@ func (a *fakeAttacher) Attach(ctx context.Context, id string, b nbdattach.Backen
 func (a *fakeAttacher) Reconnect(ctx context.Context, id string, index int, b nbdattach.Backend, onError func(error)) (Device, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	d := &fakeDevice{a: a, index: index, backend: b, size: b.Size(), onError: onError}
+	d := &fakeDevice{a: a, id: id, index: index, backend: b, size: b.Size(), onError: onError}
 	a.attached[index] = d
 	return d, nil
 }
@@ -66,6 +72,36 @@ func (a *fakeAttacher) FreeDevices(context.Context) (int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.free - len(a.attached), nil
+}
+
+func (a *fakeAttacher) Connected(context.Context) ([]nbdattach.Connection, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := append([]nbdattach.Connection(nil), a.leftovers...)
+	for i, d := range a.attached {
+		out = append(out, nbdattach.Connection{Index: i, PID: 1, Backend: d.id})
+	}
+	return out, nil
+}
+
+func (a *fakeAttacher) Release(_ context.Context, index int) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.releaseErr != nil {
+		return a.releaseErr
+	}
+	a.released = append(a.released, index)
+	if _, ok := a.attached[index]; ok {
+		delete(a.attached, index)
+		return nil
+	}
+	for i, c := range a.leftovers {
+		if c.Index == index {
+			a.leftovers = append(a.leftovers[:i], a.leftovers[i+1:]...)
+			return nil
+		}
+	}
+	return nbdattach.ErrNotConnected
 }
 
 func (a *fakeAttacher) count() int {

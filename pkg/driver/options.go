@@ -109,7 +109,32 @@ type Options struct {
 	// failing start when a TLS file does not exist: for manifests that
 	// mount an optional Secret, so they run before the Secret is made.
 	SnapshotMetadataOptional bool
+	// OrphanCheck turns the orphan checker (orphans.go) on or off: auto
+	// runs it when the process is in a cluster (KUBERNETES_SERVICE_HOST
+	// is set), on requires it, off never runs it. It runs in modes with
+	// the controller service, with in-cluster credentials only.
+	OrphanCheck string
+	// OrphanCheckInterval is the time between orphan checks.
+	OrphanCheckInterval time.Duration
+	// OrphanGrace: a volume or snapshot created less than this long ago
+	// is never an orphan (its PV or VolumeSnapshotContent may not exist
+	// yet).
+	OrphanGrace time.Duration
+	// DeleteOrphansAfter, if set, deletes (through DeleteVolume and
+	// DeleteSnapshot) what every check for this long found orphaned.
+	// 0, the default, never deletes.
+	DeleteOrphansAfter time.Duration
 }
+
+// minOrphanGrace is the shortest --orphan-grace deletion is allowed with.
+const minOrphanGrace = time.Minute
+
+// Orphan check settings.
+const (
+	OrphanCheckAuto = "auto"
+	OrphanCheckOn   = "on"
+	OrphanCheckOff  = "off"
+)
 
 // DefaultOptions are the flag defaults.
 func DefaultOptions() Options {
@@ -121,6 +146,10 @@ func DefaultOptions() Options {
 		NBDConnections:  1,
 		NBDIOTimeout:    5 * time.Second,
 		DeadConnTimeout: 2 * time.Minute,
+
+		OrphanCheck:         OrphanCheckAuto,
+		OrphanCheckInterval: 10 * time.Minute,
+		OrphanGrace:         time.Hour,
 	}
 }
 
@@ -154,6 +183,13 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"PEM CA bundle that snapshot metadata clients' certificates must chain to (clients without one are refused)")
 	fs.BoolVar(&o.SnapshotMetadataOptional, "snapshot-metadata-optional", o.SnapshotMetadataOptional,
 		"if a snapshot metadata TLS file does not exist, leave the service off (logged) instead of failing: for an optional Secret")
+	fs.StringVar(&o.OrphanCheck, "orphan-check", o.OrphanCheck,
+		"report volumes and snapshots of the data dir that no PersistentVolume or VolumeSnapshotContent names (metric "+metricOrphans+" and a log line): auto (when in a cluster), on or off; needs the controller service and in-cluster credentials")
+	fs.DurationVar(&o.OrphanCheckInterval, "orphan-check-interval", o.OrphanCheckInterval, "time between orphan checks (the first is at start)")
+	fs.DurationVar(&o.OrphanGrace, "orphan-grace", o.OrphanGrace,
+		"a volume or snapshot created less than this long ago is never an orphan (a CreateVolume in flight has no PV yet)")
+	fs.DurationVar(&o.DeleteOrphansAfter, "delete-orphans-after", o.DeleteOrphansAfter,
+		"delete, through DeleteVolume and DeleteSnapshot, what every orphan check for this long found orphaned; staged volumes never (default 0: never delete, only report)")
 }
 
 // Validate checks the options and cleans DataDir.
@@ -193,6 +229,7 @@ func (o *Options) Validate() error {
 	}
 	errs = append(errs, o.validateRegistration()...)
 	errs = append(errs, o.validateSnapshotMetadata()...)
+	errs = append(errs, o.validateOrphans()...)
 	return errors.Join(errs...)
 }
 
@@ -212,6 +249,34 @@ func (o *Options) validateSnapshotMetadata() []error {
 	}
 	if slices.Contains(files, "") {
 		errs = append(errs, errors.New("--snapshot-metadata-address needs --snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca (mutual TLS; there is no plain TCP)"))
+	}
+	return errs
+}
+
+func (o *Options) validateOrphans() []error {
+	var errs []error
+	switch o.OrphanCheck {
+	case OrphanCheckAuto, OrphanCheckOn:
+		if o.OrphanCheck == OrphanCheckOn && !o.Mode.controller() {
+			errs = append(errs, fmt.Errorf("--orphan-check=on with --mode %s: orphans are deleted through the controller service (want --mode all or controller)", o.Mode))
+		}
+		if o.OrphanCheckInterval <= 0 {
+			errs = append(errs, fmt.Errorf("--orphan-check-interval %v: want a positive duration", o.OrphanCheckInterval))
+		}
+	case OrphanCheckOff:
+		if o.DeleteOrphansAfter != 0 {
+			errs = append(errs, errors.New("--delete-orphans-after with --orphan-check=off: nothing would find orphans"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--orphan-check %q: want auto, on or off", o.OrphanCheck))
+	}
+	if o.OrphanGrace < 0 || o.DeleteOrphansAfter < 0 {
+		errs = append(errs, errors.New("--orphan-grace and --delete-orphans-after must not be negative"))
+	}
+	// The grace period also covers what is created between a check's
+	// cluster listing and its data dir listing.
+	if o.DeleteOrphansAfter > 0 && o.OrphanGrace < minOrphanGrace {
+		errs = append(errs, fmt.Errorf("--orphan-grace %v with --delete-orphans-after: want at least %v (a volume whose CreateVolume just returned has no PV yet)", o.OrphanGrace, minOrphanGrace))
 	}
 	return errs
 }

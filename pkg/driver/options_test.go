@@ -19,6 +19,22 @@ func TestOptionsValidateNBD(t *testing.T) {
 	runValidateCases(t, tests)
 }
 
+func TestOptionsValidateOrphans(t *testing.T) {
+	runValidateCases(t, []validateCase{
+		{"deleting after a day", func(o *Options) { o.DeleteOrphansAfter = 24 * time.Hour }, ""},
+		{"off", func(o *Options) { o.OrphanCheck = OrphanCheckOff }, ""},
+		{"on in node mode", func(o *Options) { o.OrphanCheck, o.Mode = OrphanCheckOn, ModeNode }, "--mode all or controller"},
+		{"auto in node mode", func(o *Options) { o.Mode = ModeNode }, ""},
+		{"unknown", func(o *Options) { o.OrphanCheck = "yes" }, "want auto, on or off"},
+		{"no interval", func(o *Options) { o.OrphanCheckInterval = 0 }, "--orphan-check-interval"},
+		{"delete with the check off", func(o *Options) { o.OrphanCheck, o.DeleteOrphansAfter = OrphanCheckOff, time.Hour }, "nothing would find orphans"},
+		{"negative grace", func(o *Options) { o.OrphanGrace = -time.Second }, "must not be negative"},
+		{"negative delete", func(o *Options) { o.DeleteOrphansAfter = -time.Second }, "must not be negative"},
+		{"no grace, reporting only", func(o *Options) { o.OrphanGrace = 0 }, ""},
+		{"no grace, deleting", func(o *Options) { o.OrphanGrace, o.DeleteOrphansAfter = 0, time.Hour }, "want at least 1m0s"},
+	})
+}
+
 // TestNBDAttachOptions: no command timeout ever; the short request timer
 // only for one-connection devices, where it cannot cut a live connection.
 func TestNBDAttachOptions(t *testing.T) {

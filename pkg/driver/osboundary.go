@@ -26,6 +26,13 @@ type Attacher interface {
 	Reconnect(ctx context.Context, volumeID string, index int, b nbdattach.Backend, onError func(error)) (Device, error)
 	// FreeDevices counts the devices free to attach to.
 	FreeDevices(ctx context.Context) (int, error)
+	// Connected lists the connected devices: who started each, and the
+	// backend identifier it was attached with (Attach names it by the
+	// volume id).
+	Connected(ctx context.Context) ([]nbdattach.Connection, error)
+	// Release disconnects a device whose server is gone, without a
+	// flush; it refuses a mounted one.
+	Release(ctx context.Context, index int) error
 }
 
 // Device is one attached block device.
@@ -156,6 +163,40 @@ func (n *nbdAttacher) FreeDevices(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	return a.FreeDevices(ctx)
+}
+
+func (n *nbdAttacher) Connected(ctx context.Context) ([]nbdattach.Connection, error) {
+	a, err := n.kernel()
+	if err != nil {
+		return nil, err
+	}
+	devs, err := a.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []nbdattach.Connection
+	for _, dev := range devs {
+		if !dev.Connected {
+			continue
+		}
+		c, err := a.Connection(dev.Index)
+		if errors.Is(err, nbdattach.ErrNotConnected) {
+			continue // held open but not started, or gone since
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+func (n *nbdAttacher) Release(ctx context.Context, index int) error {
+	a, err := n.kernel()
+	if err != nil {
+		return err
+	}
+	return a.Release(ctx, index)
 }
 
 type nbdDevice struct{ d *nbdattach.Device }

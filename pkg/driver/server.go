@@ -21,6 +21,9 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
+	if d.cluster, err = newClusterObjects(d.opts); err != nil {
+		return err
+	}
 	return d.Serve(ctx)
 }
 
@@ -53,14 +56,16 @@ func (d *Driver) Listen() (net.Listener, error) {
 // writable by others.
 const socketMode = 0o660
 
-// ServeOn recovers staged volumes and serves on l until ctx is done, then
-// stops gracefully. The HTTP endpoints and the plugin registration socket
+// ServeOn recovers staged volumes, releases the devices no staged record
+// accounts for, and serves on l until ctx is done, then stops gracefully.
+// The HTTP endpoints, the orphan checker and the plugin registration socket
 // stop with it.
 func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if d.opts.Mode.node() {
 		d.recoverStaged(ctx)
+		d.releaseLeftovers(ctx)
 	}
 	m := newMetrics(d.store)
 	if d.opts.MetricsAddress != "" {
@@ -82,6 +87,7 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	if err != nil {
 		return fmt.Errorf("plugin registration: %w", err)
 	}
+	checked := d.startOrphanChecker(ctx, m)
 	done := make(chan struct{})
 	go func() {
 		select {
@@ -96,11 +102,31 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	cancel()
 	<-registered
 	<-metadataDone
+	<-checked
 	d.flushStaged()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}
 	return err
+}
+
+// startOrphanChecker runs the orphan checker, if the driver has a cluster
+// to ask, until ctx is done; the channel closes when it has stopped.
+func (d *Driver) startOrphanChecker(ctx context.Context, m *metrics) <-chan struct{} {
+	done := make(chan struct{})
+	if d.cluster == nil {
+		close(done)
+		return done
+	}
+	o := newOrphanChecker(d, d.cluster)
+	m.reg.MustRegister(o.collectors()...)
+	klog.InfoS("Orphan check on", "interval", d.opts.OrphanCheckInterval, "grace", d.opts.OrphanGrace,
+		"deleteOrphansAfter", d.opts.DeleteOrphansAfter)
+	go func() {
+		defer close(done)
+		o.run(ctx, d.opts.OrphanCheckInterval)
+	}()
+	return done
 }
 
 // startRegistration binds the plugin registration socket, if

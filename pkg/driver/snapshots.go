@@ -121,6 +121,17 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		return nil, err
 	}
 	defer unlock()
+	if err := d.deleteSnapshotLocked(m); err != nil {
+		return nil, err
+	}
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+// deleteSnapshotLocked deletes snapshot m; the caller holds the locks of
+// m.ID and m.SourceVolumeID. DeleteSnapshot's work, and the orphan
+// checker's (orphans.go).
+func (d *Driver) deleteSnapshotLocked(m *snapshotMeta) error {
+	id := m.ID
 	if _, err := d.store.readVolume(m.SourceVolumeID); err == nil {
 		err = d.withImage(m.SourceVolumeID, false, func(img *qcow2.Image, _ *stagedVolume) error {
 			if err := img.DeleteSnapshot(id); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
@@ -129,14 +140,14 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 			return img.Flush()
 		})
 		if err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if err := d.store.remove("snapshots", id); err != nil {
-		return nil, err
+		return err
 	}
 	klog.V(2).InfoS("Deleted snapshot", "snapshotID", id, "volumeID", m.SourceVolumeID)
-	return &csi.DeleteSnapshotResponse{}, nil
+	return nil
 }
 
 func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {

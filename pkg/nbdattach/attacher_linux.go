@@ -43,6 +43,9 @@ type blockDevices interface {
 	// setIOTimeout sets the device's block request timer
 	// (/sys/block/nbdN/queue/io_timeout, read through sys).
 	setIOTimeout(index int, d time.Duration) error
+	// claim opens the device exclusively and closes it again: it fails
+	// with ErrDeviceBusy if the device is mounted or held exclusively.
+	claim(index int) error
 }
 
 // Attacher attaches exports to /dev/nbdX. It holds no state about devices:
@@ -169,6 +172,81 @@ func (a *Attacher) Disconnect(ctx context.Context, index int) error {
 		return err
 	}
 	return a.waitIdle(ctx, index)
+}
+
+// Release disconnects device index when its server is gone: a killed
+// `image map`, or a driver that died before it recorded the device. Unlike
+// Disconnect it sends no flush first: with no server, a flush can only fail
+// (or wait out the device's dead-connection timeout for a server that is
+// not coming back), and whatever was not flushed is lost already. It still
+// refuses a mounted or exclusively held device (ErrDeviceBusy): a
+// filesystem is never pulled from under its mount. Whether the server is
+// gone is the caller's judgement (see Connection); Release of a device that
+// is still served disconnects it all the same, without a flush.
+//
+// Over netlink it first sets the device's dead-connection timeout to 0
+// (a RECONFIGURE with no sockets): the O_EXCL open that tells a mounted
+// device makes the kernel scan a device nobody opened since it was
+// connected for partitions, and that read would otherwise wait the whole
+// timeout (the driver's is minutes) for a reconnect. A mounted device's
+// queued I/O fails from then on too, as it would have once the timeout
+// ran out with nobody to reconnect.
+//
+// It fails with ErrNotFound if there is no such nbd device, and with
+// ErrNotConnected if it is not connected.
+func (a *Attacher) Release(ctx context.Context, index int) error {
+	c, err := a.Connection(index)
+	if err != nil {
+		return err
+	}
+	if a.ctl.iface() == InterfaceNetlink {
+		// The kernel refuses a RECONFIGURE that does not name the
+		// backend the device was attached with.
+		cfg := deviceConfig{Index: index, NoDeadConnTimeout: true, Identifier: c.Backend}
+		if err := a.ctl.reconfigure(ctx, cfg); err != nil {
+			return fmt.Errorf("nbdattach: releasing nbd%d: %w", index, err)
+		}
+	}
+	if err := a.dev.claim(index); err != nil {
+		return fmt.Errorf("nbdattach: releasing nbd%d: %w", index, err)
+	}
+	if err := a.ctl.disconnect(ctx, index); err != nil {
+		return err
+	}
+	return a.waitIdle(ctx, index)
+}
+
+// Connection is what /sys/block says of a connected device.
+type Connection struct {
+	Index int
+	// PID is the task that started the device (the thread that sent the
+	// connect, so a thread of the attaching process), numbered in the
+	// initial pid namespace. It may have exited since: the kernel keeps
+	// a device whose sockets died connected until it is disconnected.
+	PID int
+	// Backend is the identifier it was attached with
+	// (AttachOptions.Identifier, netlink only), "" if none.
+	Backend string
+}
+
+// Connection describes device index, read from /sys/block: ErrNotFound if
+// there is no such nbd device, ErrNotConnected if it is not connected.
+func (a *Attacher) Connection(index int) (Connection, error) {
+	sys := a.dev.sys()
+	if _, err := fs.Stat(sys, fmt.Sprintf("nbd%d", index)); errors.Is(err, fs.ErrNotExist) {
+		return Connection{}, fmt.Errorf("nbdattach: nbd%d: %w", index, ErrNotFound)
+	} else if err != nil {
+		return Connection{}, fmt.Errorf("nbdattach: nbd%d: %w", index, err)
+	}
+	pid, err := sysfsPID(sys, index)
+	if err != nil {
+		return Connection{}, err
+	}
+	backend, err := sysfsBackend(sys, index)
+	if err != nil {
+		return Connection{}, err
+	}
+	return Connection{Index: index, PID: pid, Backend: backend}, nil
 }
 
 // Devices lists the node's nbd devices.

@@ -97,6 +97,8 @@
 //	err = d.Detach(ctx)             // fsync, disconnect, wait until free
 //	d, err = a.Reconnect(ctx, index, e, opts) // after a restart
 //	n, err := a.FreeDevices(ctx)    // a.Devices, a.FindByIdentifier
+//	c, err := a.Connection(index)   // who started a device, its identifier
+//	err = a.Release(ctx, index)     // disconnect one whose server died
 //
 // Attach makes one AF_UNIX socketpair per connection (each becomes a
 // blk-mq hardware queue; more than one needs FlagCanMultiConn), serves one
@@ -126,6 +128,9 @@
 // again. Reconnect does the same for a device whose server process died:
 // with AttachOptions.DeadConnTimeout set, I/O issued meanwhile waits for it
 // instead of failing, and the kernel refuses it if the Identifier differs.
+// Release is for a device nobody will reconnect (its server was killed):
+// it refuses a mounted one (the same O_EXCL open) and disconnects without
+// the flush, which could only fail or wait for a server that is gone.
 // The requests the dead server held are resent only when their timer
 // fires; AttachOptions.IOTimeout shortens that timer for one-connection
 // devices, the only ones whose live connections a timer never cuts.

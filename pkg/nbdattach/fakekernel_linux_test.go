@@ -33,6 +33,7 @@ type fakeKernel struct {
 	calls        []string
 	connectErr   error
 	flushErr     error
+	claimErr     error // claim fails with it (a mounted device)
 	ioTimeoutErr error // setIOTimeout fails with it
 	staysOpen    bool  // the device is held open after a disconnect
 	resizeNoop   bool  // reconfigure ignores Size (an old kernel)
@@ -132,6 +133,9 @@ func (k *fakeKernel) reconfigure(ctx context.Context, c deviceConfig) error {
 	if c.Size > 0 && !k.resizeNoop {
 		d.cfg.Size = c.Size
 	}
+	if c.NoDeadConnTimeout {
+		d.cfg.DeadConnTimeout = 0
+	}
 	for _, fd := range c.SocketFDs {
 		for i, s := range d.socks {
 			if s.isDead() { // like nbd_reconnect_socket: only dead slots
@@ -173,6 +177,13 @@ func (k *fakeKernel) flush(ctx context.Context, index int) error {
 	defer k.mu.Unlock()
 	k.record("flush %d", index)
 	return k.flushErr
+}
+
+func (k *fakeKernel) claim(index int) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.record("claim %d", index)
+	return k.claimErr
 }
 
 func (k *fakeKernel) setIOTimeout(index int, d time.Duration) error {

@@ -35,18 +35,37 @@ func (hostBlockDevices) flush(ctx context.Context, index int) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	fd, err := unix.Open(DevicePath(index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-	if err == unix.EBUSY {
-		return fmt.Errorf("%s is mounted or held exclusively: %w: %w", DevicePath(index), ErrDeviceBusy, err)
-	}
+	fd, err := openExclusive(index)
 	if err != nil {
-		return fmt.Errorf("opening %s: %w", DevicePath(index), err)
+		return err
 	}
 	defer unix.Close(fd)
 	if err := unix.Fsync(fd); err != nil {
 		return fmt.Errorf("fsync %s: %w", DevicePath(index), err)
 	}
 	return nil
+}
+
+// claim opens the device O_EXCL, as flush does, and closes it at once.
+// Opening does no I/O, so it returns at once on a device whose server is
+// gone.
+func (hostBlockDevices) claim(index int) error {
+	fd, err := openExclusive(index)
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
+}
+
+func openExclusive(index int) (int, error) {
+	fd, err := unix.Open(DevicePath(index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err == unix.EBUSY {
+		return -1, fmt.Errorf("%s is mounted or held exclusively: %w: %w", DevicePath(index), ErrDeviceBusy, err)
+	}
+	if err != nil {
+		return -1, fmt.Errorf("opening %s: %w", DevicePath(index), err)
+	}
+	return fd, nil
 }
 
 // setIOTimeout writes the block queue's request timer in milliseconds.

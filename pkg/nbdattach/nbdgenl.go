@@ -47,9 +47,13 @@ type deviceConfig struct {
 	BlockSize       uint64
 	Timeout         time.Duration
 	DeadConnTimeout time.Duration
-	ServerFlags     TransmissionFlags // CONNECT only
-	Identifier      string
-	SocketFDs       []int
+	// NoDeadConnTimeout sends a dead-connection timeout of 0 (I/O on a
+	// device with no live connection fails at once), which a zero
+	// DeadConnTimeout leaves out.
+	NoDeadConnTimeout bool
+	ServerFlags       TransmissionFlags // CONNECT only
+	Identifier        string
+	SocketFDs         []int
 }
 
 // seconds rounds d up to whole seconds, the unit of the kernel's timeouts.
@@ -74,6 +78,8 @@ func encodeDeviceConfig(c deviceConfig, connect bool) []byte {
 	}
 	if c.DeadConnTimeout > 0 {
 		a.u64(nbdAttrDeadConnTimeout, seconds(c.DeadConnTimeout))
+	} else if c.NoDeadConnTimeout {
+		a.u64(nbdAttrDeadConnTimeout, 0)
 	}
 	if connect {
 		a.u64(nbdAttrServerFlags, uint64(c.ServerFlags))

@@ -77,6 +77,11 @@ func TestEncodeConnect(t *testing.T) {
 	if got := encodeDeviceConfig(deviceConfig{Index: 0, Size: 4096}, false); len(got) != 8+12 {
 		t.Errorf("resize attributes are %d bytes: %v", len(got), got)
 	}
+	// A dead-connection timeout of 0 is sent only when asked for.
+	want = []byte{8, 0, 1, 0, 3, 0, 0, 0, 12, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	if got := encodeDeviceConfig(deviceConfig{Index: 3, NoDeadConnTimeout: true}, false); !bytes.Equal(got, want) {
+		t.Errorf("no dead-connection timeout\n got %v\nwant %v", got, want)
+	}
 	if got := encodeIndex(AnyIndex); len(got) != 0 {
 		t.Errorf("encodeIndex(AnyIndex) = %v", got)
 	}

@@ -14,8 +14,11 @@ import (
 // Reading nbd devices from sysfs. The functions take an fs.FS rooted at
 // /sys/block so that tests can hand them an fstest.MapFS.
 //
-//	/sys/block/nbdN/pid      the receiving task; present only while the
-//	                         device is started (connected)
+//	/sys/block/nbdN/pid      the task that started the device (the thread that
+//	                         connected it, its id in the initial pid
+//	                         namespace); present only while
+//	                         the device is started (connected), and still
+//	                         there after that process died
 //	/sys/block/nbdN/size     capacity in 512-byte sectors
 //	/sys/block/nbdN/backend  NBD_ATTR_BACKEND_IDENTIFIER (netlink, 5.x+)
 //	/sys/block/nbdN/queue/io_timeout
@@ -92,6 +95,23 @@ func sysfsIOTimeout(sys fs.FS, index int) (time.Duration, error) {
 		return 0, fmt.Errorf("nbdattach: nbd%d/%s %q: not a count of milliseconds", index, sysfsIOTimeoutFile, s)
 	}
 	return time.Duration(ms) * time.Millisecond, nil
+}
+
+// sysfsPID returns the pid in nbdN/pid, or ErrNotConnected if the device is
+// not started.
+func sysfsPID(sys fs.FS, index int) (int, error) {
+	s, err := sysfsRead(sys, index, "pid")
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, fmt.Errorf("nbdattach: nbd%d: %w", index, ErrNotConnected)
+	}
+	if err != nil {
+		return 0, err
+	}
+	pid, err := strconv.Atoi(s)
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("nbdattach: nbd%d/pid %q: not a pid", index, s)
+	}
+	return pid, nil
 }
 
 // sysfsBackend returns the backend identifier, "" if the device has none.

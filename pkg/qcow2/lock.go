@@ -82,3 +82,24 @@ func setReadLock(f *os.File, off int64) error {
 	}
 	return nil
 }
+
+// InUse reports whether the image at path is open with locks by anyone:
+// QEMU, or a process of ours (an open of this process's own counts too,
+// for OFD locks belong to the open file, not the process). It takes no
+// lock itself and reads nothing but the lock state.
+func InUse(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	for _, base := range []int64{lockPermBase, lockSharedBase} {
+		for _, p := range []int64{permRead, permWrite, permResize} {
+			held, err := lockHeld(f, base+p)
+			if err != nil || held {
+				return held, err
+			}
+		}
+	}
+	return false, nil
+}

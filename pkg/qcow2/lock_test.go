@@ -57,3 +57,32 @@ func TestImageLocks(t *testing.T) {
 		t.Errorf("an unlocked open is not refused: %v", err)
 	}
 }
+
+func TestInUse(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "inuse.qcow2")
+	mustCreate(t, path, qcow2.CreateOptions{Size: 1 << 20}).Close()
+	inUse := func() bool {
+		t.Helper()
+		busy, err := qcow2.InUse(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return busy
+	}
+	if inUse() {
+		t.Error("a closed image is in use")
+	}
+	for _, ro := range []bool{false, true} {
+		img, err := qcow2.Open(path, qcow2.OpenOptions{Lock: true, ReadOnly: ro})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !inUse() {
+			t.Errorf("read-only %v: an image open with locks is not in use", ro)
+		}
+		img.Close()
+		if inUse() {
+			t.Errorf("read-only %v: still in use after Close", ro)
+		}
+	}
+}
