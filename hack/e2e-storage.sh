@@ -16,7 +16,8 @@
 # Prints ginkgo's output, then one line per (test suite, pattern) with its
 # passed / failed / skipped counts, the failures' first lines, and exits
 # non-zero if a spec failed. The reports (JUnit and ginkgo JSON) are in the
-# work dir's report/.
+# work dir's main/ and volume-expand/: volume-expand runs in a pass of its
+# own (see expand_definition below for why).
 #
 # Environment:
 #   FOCUS    regexp, ANDed after 'External.Storage.*qcow2.csi-qcow2.io.*'
@@ -77,17 +78,52 @@ seed "$top/vm" "$VM_CACHE_DIR" kernel kernel-pkg 'base-*.cpio' 'node-debian-*'
 # shellcheck source=hack/lib/node.sh
 . hack/lib/node.sh
 
+suite=$bin/e2e-storage.test-$K8S_VERSION
+
+# The volume-expand suite is registered only for a driver that claims
+# controllerExpansion (volume_expand.go's SkipUnsupportedTests: "does not
+# support volume expansion"); to the suite the capability means "a PVC can
+# grow", and nodeExpansion is read by no suite. Ours grows without
+# ControllerExpandVolume: csi-resizer's trivial resizer records the new size
+# and kubelet's NodeExpandVolume grows the image, device and filesystem.
+# driver.yaml claims what the driver offers (controllerExpansion: false), so
+# volume-expand runs in a second pass, on a copy of it with that one line
+# flipped, focused on exactly the volume-expand specs FOCUS and SKIP select
+# there (a dry run), so that nothing else runs twice.
+# expand_definition DIR: writes that copy into DIR and prints its path.
+expand_definition() {
+	local def=$1/driver-expand.yaml
+	sed 's/^\(    controllerExpansion:\) false$/\1 true/' hack/e2e-storage/driver.yaml >"$def"
+	grep -q '^    controllerExpansion: true$' "$def" || fail "driver.yaml has no 'controllerExpansion: false' line to flip"
+	echo "$def"
+}
+# expand_focus DEF DIR: prints the focus of the volume-expand pass.
+expand_focus() {
+	local def=$1 out=$2/expand-dry
+	mkdir -p "$out"
+	"$suite" -ginkgo.dry-run -ginkgo.no-color -repo-root "$repo" -storage.testdriver "$def" \
+		-ginkgo.focus "$focus" -ginkgo.skip "$skip" -ginkgo.json-report "$out/dry.json" >"$out/dry.log" 2>&1 ||
+		{ cat "$out/dry.log" >&2; fail "dry run of the volume-expand pass failed"; }
+	hack/e2e-storage/select.py "$out/dry.json" volume-expand
+}
+
 if [ "${LIST:-}" = 1 ]; then
 	# What FOCUS and SKIP select, per suite and pattern, without a cluster.
 	K8S_CACHE_DIR=$cache hack/k8s-build.sh e2e
 	out=$(mktemp -d)
 	trap 'rm -rf "$out"' EXIT
-	DEBUG_STORAGE_TESTSUITE=1 "$bin/e2e-storage.test-$K8S_VERSION" -ginkgo.dry-run -ginkgo.no-color -ginkgo.v \
+	DEBUG_STORAGE_TESTSUITE=1 "$suite" -ginkgo.dry-run -ginkgo.no-color -ginkgo.v \
 		-repo-root "$repo" -storage.testdriver "$repo/hack/e2e-storage/driver.yaml" \
 		-ginkgo.focus "$focus" -ginkgo.skip "$skip" -ginkgo.json-report "$out/dry.json" >"$out/dry.log" 2>&1 ||
 		{ cat "$out/dry.log"; fail "e2e-storage.test -ginkgo.dry-run failed"; }
 	grep '^External Storage' "$out/dry.log" || true
 	hack/e2e-storage/summary.py "$out/dry.json" "$focus" "$skip" "$out/dry.log" | sed 's/^suite  *passed/suite selected/'
+	def=$(expand_definition "$out")
+	efocus=$(expand_focus "$def" "$out")
+	if [ -n "$efocus" ]; then
+		echo "volume-expand pass (driver.yaml with controllerExpansion: true):"
+		hack/e2e-storage/summary.py "$out/expand-dry/dry.json" "$efocus" "" | sed 's/^suite  *passed/suite selected/'
+	fi
 	exit 0
 fi
 
@@ -95,7 +131,6 @@ phase "builds: e2e-storage.test and agnhost, control plane, kubelet and sidecars
 b=$SECONDS
 K8S_CACHE_DIR=$cache hack/k8s-build.sh e2e
 say "e2e builds: $((SECONDS - b)) s"
-suite=$bin/e2e-storage.test-$K8S_VERSION
 node_build
 say "builds done in $((SECONDS - t0)) s; driver image $driver_image"
 
@@ -120,22 +155,36 @@ kubectl -n $ns rollout status deploy/csi-qcow2-resizer --timeout=300s >/dev/null
 	fail "csi-qcow2-resizer did not become ready"
 phase "driver deployed (image $driver_image)"
 
-step_title="e2e-storage.test"
-report=$work/report
-mkdir -p "$report"
-phase "e2e-storage.test -ginkgo.focus='$focus' -ginkgo.skip='$skip'"
-s=$SECONDS rc=0
-# shellcheck disable=SC2086 # E2E_ARGS is a list of flags
-DEBUG_STORAGE_TESTSUITE=1 "$suite" \
-	-kubeconfig "$work/admin.kubeconfig" -provider local \
-	-kubectl-path "$bin/kubectl-$K8S_VERSION" \
-	-repo-root "$repo" -storage.testdriver "$repo/hack/e2e-storage/driver.yaml" \
-	-report-dir "$report" -ginkgo.json-report "$report/ginkgo.json" \
-	-ginkgo.focus "$focus" -ginkgo.skip "$skip" \
-	-ginkgo.timeout "${TIMEOUT:-3h}" -ginkgo.no-color -ginkgo.v \
-	${E2E_ARGS:-} 2>&1 | tee "$logs/e2e-storage.log" || rc=$?
-phase "e2e-storage.test exited $rc after $((SECONDS - s)) s"
+# run_suite NAME DEFINITION FOCUS SKIP: one e2e-storage.test run, its
+# reports in $work/NAME/, its output in $logs/NAME.log; returns its status.
+run_suite() {
+	local name=$1 def=$2 focus=$3 skip=$4 report=$work/$1 rc=0 s=$SECONDS
+	mkdir -p "$report"
+	phase "$name: e2e-storage.test -ginkgo.focus='${focus:0:300}' -ginkgo.skip='$skip'"
+	# shellcheck disable=SC2086 # E2E_ARGS is a list of flags
+	DEBUG_STORAGE_TESTSUITE=1 "$suite" \
+		-kubeconfig "$work/admin.kubeconfig" -provider local \
+		-kubectl-path "$bin/kubectl-$K8S_VERSION" \
+		-repo-root "$repo" -storage.testdriver "$def" \
+		-report-dir "$report" -ginkgo.json-report "$report/ginkgo.json" \
+		-ginkgo.focus "$focus" -ginkgo.skip "$skip" \
+		-ginkgo.timeout "${TIMEOUT:-3h}" -ginkgo.no-color -ginkgo.v \
+		${E2E_ARGS:-} 2>&1 | tee "$logs/$name.log" || rc=$?
+	phase "$name: e2e-storage.test exited $rc after $((SECONDS - s)) s"
+	hack/e2e-storage/summary.py "$report/ginkgo.json" "$focus" "$skip" "$logs/$name.log" || rc=1
+	return $rc
+}
 
-hack/e2e-storage/summary.py "$report/ginkgo.json" "$focus" "$skip" "$logs/e2e-storage.log" || rc=1
+step_title="e2e-storage.test"
+rc=0
+run_suite main "$repo/hack/e2e-storage/driver.yaml" "$focus" "$skip" || rc=$?
+step_title="e2e-storage.test, volume-expand pass"
+def=$(expand_definition "$work")
+efocus=$(expand_focus "$def" "$work")
+if [ -n "$efocus" ]; then
+	run_suite volume-expand "$def" "$efocus" "" || rc=1
+else
+	phase "volume-expand: FOCUS and SKIP select none of its specs"
+fi
 step_title="e2e-storage.test: failed specs (above)"
 [ "$rc" = 0 ]
