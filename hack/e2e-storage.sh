@@ -22,6 +22,7 @@
 # Environment:
 #   FOCUS    regexp, ANDed after 'External.Storage.*qcow2.csi-qcow2.io.*'
 #            (e.g. 'provisioning.*should provision storage with defaults')
+#   SUBSET=ci  instead of FOCUS: the few specs make test runs (below)
 #   SKIP     ginkgo skip regexp (default '\[Disruptive\]|\[Serial\]')
 #   TIMEOUT  ginkgo's -ginkgo.timeout (default 3h)
 #   E2E_ARGS more e2e-storage.test flags
@@ -41,6 +42,21 @@ base=${E2E_PORT_BASE:-25890}
 node=kube-node
 driver_name=qcow2.csi-qcow2.io
 ns=csi-qcow2
+# SUBSET=ci: what make test runs (CI's budget has no room for the full
+# run, ~2 h under TCG): one or two specs of each of provisioning,
+# snapshottable, volume-expand and volumeMode, ~10 min.
+ci_focus='(\[Testpattern: Dynamic PV \(default fs\)\] provisioning should provision correct filesystem size when restoring snapshot to larger size pvc'
+ci_focus+='|\[Testpattern: Dynamic PV \(block volmode\)\] provisioning should provision storage with pvc data source$'
+ci_focus+='|\[Testpattern: Dynamic Snapshot \(delete policy\)\] snapshottable .*after modifying source data, check deletion \(persistent\)'
+ci_focus+='|\[Testpattern: Dynamic PV \(default fs\)\(allowExpansion\)\] volume-expand should resize volume when PVC is edited while pod is using it'
+ci_focus+='|\[Testpattern: Dynamic PV \(block volmode\)\(allowExpansion\)\] volume-expand Verify if offline PVC expansion works'
+ci_focus+='|\[Testpattern: Dynamic PV \(block volmode\)\] volumeMode should not mount / map unused volumes in a pod)'
+case ${SUBSET:-} in
+'') ;;
+ci) [ -z "${FOCUS:-}" ] || { echo "FAIL: SUBSET=ci and FOCUS both given" >&2; exit 1; }
+	FOCUS=$ci_focus ;;
+*) echo "FAIL: SUBSET=${SUBSET@Q}: want ci or nothing" >&2; exit 1 ;;
+esac
 focus="External.Storage.*${driver_name//./\\.}.*${FOCUS:-}"
 skip=${SKIP:-'\[Disruptive\]|\[Serial\]'}
 step_title=setup
