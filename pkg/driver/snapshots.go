@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"io/fs"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -63,18 +64,14 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 // takeSnapshot creates internal snapshot id. When the volume is staged and
 // mounted here, its filesystem is frozen around it, so what the snapshot
 // holds is consistent (the freeze writes back dirty data through the
-// device; the flush then makes it durable in the image).
+// device; the flush then makes it durable in the image). One image needs
+// no write gate: CreateSnapshot itself waits out and holds off its I/O.
 func (d *Driver) takeSnapshot(img *qcow2.Image, sv *stagedVolume, id string) (qcow2.SnapshotInfo, error) {
-	if sv != nil && !sv.meta.Block {
-		if err := d.mounter.Freeze(sv.meta.StagingPath); err != nil {
-			return qcow2.SnapshotInfo{}, err
-		}
-		defer func() {
-			if err := d.mounter.Thaw(sv.meta.StagingPath); err != nil {
-				klog.ErrorS(err, "Thaw after snapshot failed", "volumeID", sv.meta.VolumeID)
-			}
-		}()
+	thaw, err := d.freezeFS(sv)
+	if err != nil {
+		return qcow2.SnapshotInfo{}, err
 	}
+	defer thaw()
 	if err := img.Flush(); err != nil {
 		return qcow2.SnapshotInfo{}, err
 	}
@@ -90,6 +87,31 @@ func (d *Driver) takeSnapshot(img *qcow2.Image, sv *stagedVolume, id string) (qc
 		err = img.Flush()
 	}
 	return info, err
+}
+
+// freezeFS freezes the filesystem of a staged, mounted filesystem volume
+// and returns what thaws it; for any other volume both do nothing. A path
+// that is not a mount point is never frozen: FIFREEZE on it would freeze
+// whatever filesystem holds the directory.
+func (d *Driver) freezeFS(sv *stagedVolume) (thaw func(), err error) {
+	if sv == nil || sv.meta.Block {
+		return func() {}, nil
+	}
+	path := sv.meta.StagingPath
+	mounted, err := d.mounter.IsMountPoint(path)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && !mounted {
+		return func() {}, nil
+	} else if err != nil {
+		return nil, err
+	}
+	if err := d.mounter.Freeze(path); err != nil {
+		return nil, err
+	}
+	return func() {
+		if err := d.mounter.Thaw(path); err != nil {
+			klog.ErrorS(err, "Thaw after snapshot failed", "volumeID", sv.meta.VolumeID)
+		}
+	}, nil
 }
 
 func csiSnapshot(m *snapshotMeta) *csi.Snapshot {
