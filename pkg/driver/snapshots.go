@@ -116,11 +116,12 @@ func (d *Driver) freezeFS(sv *stagedVolume) (thaw func(), err error) {
 
 func csiSnapshot(m *snapshotMeta) *csi.Snapshot {
 	return &csi.Snapshot{
-		SnapshotId:     m.ID,
-		SourceVolumeId: m.SourceVolumeID,
-		SizeBytes:      m.SizeBytes,
-		CreationTime:   timestamppb.New(m.CreatedAt),
-		ReadyToUse:     true,
+		SnapshotId:      m.ID,
+		SourceVolumeId:  m.SourceVolumeID,
+		SizeBytes:       m.SizeBytes,
+		CreationTime:    timestamppb.New(m.CreatedAt),
+		ReadyToUse:      true,
+		GroupSnapshotId: m.GroupSnapshotID,
 	}
 }
 
@@ -143,22 +144,33 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		return nil, err
 	}
 	defer unlock()
+	if err := d.removeSnapshot(m); err != nil {
+		return nil, err
+	}
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+// removeSnapshot deletes snapshot m: the internal snapshot, then its file.
+// The caller holds the locks of m and its source volume. A member of a
+// group snapshot may be deleted alone too (the group then lists the rest):
+// the CO may delete a group's VolumeSnapshots one by one.
+func (d *Driver) removeSnapshot(m *snapshotMeta) error {
 	if _, err := d.store.readVolume(m.SourceVolumeID); err == nil {
 		err = d.withImage(m.SourceVolumeID, false, func(img *qcow2.Image, _ *stagedVolume) error {
-			if err := img.DeleteSnapshot(id); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
+			if err := img.DeleteSnapshot(m.ID); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
 				return err
 			}
 			return img.Flush()
 		})
 		if err != nil {
-			return nil, err
+			return err
 		}
 	}
-	if err := d.store.remove("snapshots", id); err != nil {
-		return nil, err
+	if err := d.store.remove("snapshots", m.ID); err != nil {
+		return err
 	}
-	klog.V(2).InfoS("Deleted snapshot", "snapshotID", id, "volumeID", m.SourceVolumeID)
-	return &csi.DeleteSnapshotResponse{}, nil
+	klog.V(2).InfoS("Deleted snapshot", "snapshotID", m.ID, "volumeID", m.SourceVolumeID, "groupSnapshotID", m.GroupSnapshotID)
+	return nil
 }
 
 func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
