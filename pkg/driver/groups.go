@@ -105,7 +105,7 @@ func validateCreateGroupRequest(req *csi.CreateVolumeGroupSnapshotRequest) ([]st
 	}
 	for i, v := range vols {
 		if v == "" {
-			return nil, newError(errInvalid, "source volume id %d is empty", i)
+			return nil, newError(errInvalid, "a source volume id is empty")
 		}
 		if i > 0 && v == vols[i-1] {
 			return nil, newError(errInvalid, "source volume %s is listed twice", truncate(v))
@@ -160,7 +160,8 @@ func (d *Driver) withImages(ids []string, fn func(imgs []*qcow2.Image, svs []*st
 }
 
 // commitGroup writes the members' snapshot files, then the group file (the
-// commit point). On error it removes what it wrote.
+// commit point). On error it removes what it wrote, the group file first
+// (its write may have failed after the rename, in the directory's fsync).
 func (d *Driver) commitGroup(g *groupMeta, ms []*groupMember) error {
 	for i, m := range ms {
 		if i == 0 || m.info.Date.Before(g.CreatedAt) {
@@ -180,6 +181,7 @@ func (d *Driver) commitGroup(g *groupMeta, ms []*groupMember) error {
 		return d.store.write("groups", g.ID, g)
 	}()
 	if err != nil {
+		err = errors.Join(err, d.store.remove("groups", g.ID))
 		for _, id := range written {
 			err = errors.Join(err, d.store.remove("snapshots", id))
 		}

@@ -13,6 +13,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
 
 var rwoBlock = &csi.VolumeCapability{
@@ -42,11 +44,18 @@ func (e *testEnv) restoreRead(t *testing.T, sid string, off, n int64) []byte {
 	return readImage(t, e, v.GetVolumeId())[off : off+n]
 }
 
+// internalSnapshots names the internal snapshots in volume id's image.
 func internalSnapshots(t *testing.T, e *testEnv, id string) []string {
 	t.Helper()
-	img := e.d.stagedVolume(id).img
-	if img == nil {
-		t.Fatalf("%s is not staged", id)
+	var img *qcow2.Image
+	if sv := e.d.stagedVolume(id); sv != nil {
+		img = sv.img
+	} else {
+		var err error
+		if img, err = qcow2.Open(e.d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: true}); err != nil {
+			t.Fatal(err)
+		}
+		defer img.Close()
 	}
 	var names []string
 	for _, s := range img.Snapshots() {
@@ -142,7 +151,7 @@ func TestGroupSnapshotLifecycle(t *testing.T) {
 	if _, err := e.group().DeleteVolumeGroupSnapshot(ctx, del); err != nil {
 		t.Fatalf("second delete: %v", err)
 	}
-	for _, id := range []string{fsVol, blkVol} {
+	for _, id := range []string{fsVol, blkVol, offVol} {
 		if n := internalSnapshots(t, e, id); len(n) != 0 {
 			t.Errorf("%s still has internal snapshots %v", id, n)
 		}
@@ -320,6 +329,34 @@ func TestGroupSnapshotCrashConsistent(t *testing.T) {
 		rb := binary.LittleEndian.Uint64(e.restoreRead(t, snapshotOf(t, g, b), 0, 8))
 		if rb != ra && rb+1 != ra {
 			t.Errorf("group %s holds round %d of A and %d of B: not crash consistent", g.GetGroupSnapshotId(), ra, rb)
+		}
+	}
+}
+
+// TestGroupSnapshotCommitFailure: when the group file cannot be written,
+// the member snapshot files and internal snapshots already made go too.
+func TestGroupSnapshotCommitFailure(t *testing.T) {
+	e := newTestEnv(t)
+	v1 := e.mustCreate(t, createReq("v1", 2<<20, nil)).GetVolumeId()
+	v2 := e.mustCreate(t, createReq("v2", 2<<20, nil)).GetVolumeId()
+	e.stage(t, v1, rwoBlock)
+	groups := e.d.store.dir("groups")
+	if err := os.Remove(groups); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(groups, nil, 0o600); err != nil { // not a directory: every write fails
+		t.Fatal(err)
+	}
+	_, err := e.group().CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{v1, v2}})
+	if err == nil {
+		t.Fatal("CreateVolumeGroupSnapshot succeeded without a groups directory")
+	}
+	if ids, _ := e.d.store.list("snapshots"); len(ids) != 0 {
+		t.Fatalf("member snapshot files left: %v", ids)
+	}
+	for _, id := range []string{v1, v2} {
+		if n := internalSnapshots(t, e, id); len(n) != 0 {
+			t.Fatalf("internal snapshots left in %s: %v", id, n)
 		}
 	}
 }
