@@ -28,13 +28,13 @@ type groupMember struct {
 //     writes in flight. A volume that is not staged has no writer but us
 //     (its image is open here under its file lock).
 //  3. Each image is flushed and snapshotted, in the members' (sorted) order.
-//  4. Gates open, then filesystems thaw (FITHAW writes the superblock
-//     through the device), in reverse order.
+//  4. Gates open, then filesystems thaw (ext4's FITHAW writes its
+//     superblock through the device and waits), in reverse order.
 //
-// So a write acknowledged before its volume's gate closed is in the
-// snapshot, and one that was not waits until every snapshot exists: a
-// write an application issued after another was acknowledged, on any
-// member, is never captured without that other one.
+// So every write a member completed before its gate closed is in its
+// snapshot, and every later one waits until all snapshots exist: a write
+// an application issued after another was acknowledged, on any member, is
+// never captured without that other one.
 //
 // Undo rule: if a member fails, the snapshots cut so far are deleted
 // before anything is released, and the error names the volume. A failed
