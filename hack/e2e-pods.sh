@@ -232,8 +232,10 @@ spec:
   volumeGroupSnapshotClassName: csi-qcow2
   source: {selector: {matchLabels: {group: g1}}}
 EOF
-# snapshot-controller v8.7.0 does not label group contents with their
-# node for the per-node csi-snapshotter (docs/driver.md): do as a user must.
+# The per-node csi-snapshotter v8.7.0 sees group classes and contents
+# through its node-labelled informer only, and snapshot-controller labels
+# neither (docs/driver.md): do as a user must.
+kubectl label volumegroupsnapshotclass csi-qcow2 snapshot.storage.kubernetes.io/managed-by="$node" >/dev/null
 gcontent() { kubectl get volumegroupsnapshotcontent -o jsonpath='{range .items[?(@.spec.volumeGroupSnapshotRef.name=="gsnap")]}{.metadata.name}{end}'; }
 has_gcontent() { [ -n "$(gcontent)" ]; }
 wait_for 120 "the VolumeGroupSnapshotContent of gsnap" has_gcontent
@@ -250,6 +252,9 @@ snap_a=$(member grp-a) snap_b=$(member grp-b)
 for v in "$snap_a" "$snap_b"; do
 	kubectl wait --for=jsonpath='{.status.readyToUse}'=true --timeout=120s volumesnapshot/"$v" >/dev/null ||
 		fail "volumesnapshot/$v not ready"
+	# The members' contents too, or their finalizer outlives them.
+	kubectl label volumesnapshotcontent "$(kubectl get volumesnapshot "$v" -o jsonpath='{.status.boundVolumeSnapshotContentName}')" \
+		snapshot.storage.kubernetes.io/managed-by="$node" >/dev/null
 done
 handles=$(kubectl get volumegroupsnapshotcontent "$(gcontent)" -o jsonpath='{.status.volumeGroupSnapshotHandle}: {.status.volumeSnapshotInfoList[*].snapshotHandle}')
 kubectl delete pod app-grp --wait=true >/dev/null
