@@ -80,7 +80,9 @@ for f in "$crds"/*snapshot.storage.k8s.io_*.yaml; do
 	kubectl apply --server-side -f "$f" | sed 's/^/    /'
 done
 kubectl wait --for condition=established --timeout 60s crd/volumesnapshots.snapshot.storage.k8s.io \
-	crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+	crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io \
+	crd/volumegroupsnapshots.groupsnapshot.storage.k8s.io crd/volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io \
+	crd/volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io >/dev/null
 
 step "deploy/kubernetes: kubectl kustomize, then server-side dry run"
 for k in deploy/kubernetes deploy/kubernetes/snapshot-controller; do

@@ -100,7 +100,9 @@ node_deploy() {
 	local crds=$cache/src/external-snapshotter-$SNAPSHOTTER_VERSION/client/config/crd f
 	for f in "$crds"/*snapshot.storage.k8s.io_*.yaml; do kubectl apply --server-side -f "$f" >/dev/null; done
 	kubectl wait --for condition=established --timeout 60s crd/volumesnapshots.snapshot.storage.k8s.io \
-		crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+		crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io \
+		crd/volumegroupsnapshots.groupsnapshot.storage.k8s.io crd/volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io \
+		crd/volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io >/dev/null
 	mkdir -p "$work/overlay"
 	cat >"$work/overlay/kustomization.yaml" <<-EOF
 		apiVersion: kustomize.config.k8s.io/v1beta1

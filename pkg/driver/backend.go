@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"sync"
+
 	"github.com/csi-qcow2/csi-qcow2/pkg/nbdattach"
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
 )
@@ -23,11 +25,22 @@ import (
 // allocating write to an image without lazy refcounts. Discard is left
 // write-back: a lost one makes the range read its old data, which TRIM
 // allows.
-type servedImage struct{ *qcow2.Image }
+//
+// gate is the volume's write gate (stagedVolume.gate): every request that
+// changes what the disk holds (WRITE, WRITE_ZEROES, TRIM) holds it shared
+// until it is done, and a group snapshot holds it exclusively, so no such
+// request is in flight or starts while the group is cut (groupcut.go).
+// READ and FLUSH pass: they change nothing a snapshot captures.
+type servedImage struct {
+	*qcow2.Image
+	gate *sync.RWMutex
+}
 
 var _ nbdattach.Backend = servedImage{}
 
 func (s servedImage) WriteAt(p []byte, off int64) (int, error) {
+	s.gate.RLock()
+	defer s.gate.RUnlock()
 	n, err := s.Image.WriteAt(p, off)
 	if err != nil {
 		return n, err
@@ -36,8 +49,16 @@ func (s servedImage) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (s servedImage) WriteZeroes(off, length int64, mayUnmap bool) error {
+	s.gate.RLock()
+	defer s.gate.RUnlock()
 	if err := s.Image.WriteZeroes(off, length, mayUnmap); err != nil {
 		return err
 	}
 	return s.Image.WriteBack()
+}
+
+func (s servedImage) Discard(off, length int64) error {
+	s.gate.RLock()
+	defer s.gate.RUnlock()
+	return s.Image.Discard(off, length)
 }

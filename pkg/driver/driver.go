@@ -31,6 +31,7 @@ type Driver struct {
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
 	csi.UnimplementedSnapshotMetadataServer
+	csi.UnimplementedGroupControllerServer
 
 	opts     Options
 	store    *store
@@ -58,11 +59,17 @@ type stagedVolume struct {
 	failed atomic.Pointer[string] // why the export failed, if it did
 	// targets are where it is published; guarded by the volume's lock.
 	targets map[string]struct{}
+	// gate holds the device's writes while a group snapshot is cut
+	// (servedImage).
+	gate sync.RWMutex
 }
 
 func newStagedVolume(m stagedMeta, img *qcow2.Image) *stagedVolume {
 	return &stagedVolume{meta: m, img: img, targets: map[string]struct{}{}}
 }
+
+// backend is the image as the device is served it.
+func (sv *stagedVolume) backend() servedImage { return servedImage{sv.img, &sv.gate} }
 
 // New returns a driver over opts' data dir with the given OS boundary.
 func New(opts Options, m Mounter, a Attacher) (*Driver, error) {

@@ -21,7 +21,8 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
 	}
 	if d.opts.Mode.controller() {
-		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE))
+		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE),
+			svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE))
 	}
 	if d.metadataTLS != nil {
 		caps = append(caps, svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE))

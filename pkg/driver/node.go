@@ -104,7 +104,7 @@ func (d *Driver) attach(ctx context.Context, m stagedMeta) (*stagedVolume, error
 		return nil, err
 	}
 	sv := newStagedVolume(m, img)
-	dev, err := d.attacher.Attach(ctx, m.VolumeID, servedImage{img}, sv.onExportError)
+	dev, err := d.attacher.Attach(ctx, m.VolumeID, sv.backend(), sv.onExportError)
 	if err != nil {
 		img.Close()
 		return nil, err

@@ -38,7 +38,7 @@ func (d *Driver) reconnect(ctx context.Context, m stagedMeta) error {
 		return err
 	}
 	sv := newStagedVolume(m, img)
-	dev, err := d.attacher.Reconnect(ctx, m.VolumeID, m.DeviceIndex, servedImage{img}, sv.onExportError)
+	dev, err := d.attacher.Reconnect(ctx, m.VolumeID, m.DeviceIndex, sv.backend(), sv.onExportError)
 	if err != nil {
 		img.Close()
 		return err

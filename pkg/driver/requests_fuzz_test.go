@@ -15,9 +15,10 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// FuzzControllerRequests sends arbitrary controller requests (the fuzzed
-// bytes are the request's protobuf encoding; the first byte picks the
-// RPC) to a driver on a temporary data dir, and checks what every bad
+// FuzzControllerRequests sends arbitrary controller and group controller
+// requests (the fuzzed bytes are the request's protobuf encoding; the
+// first byte picks the RPC) to a driver on a temporary data dir, and
+// checks what every bad
 // input must get: a gRPC status of a code the spec gives for bad requests,
 // with a message of bounded length, never a panic or an Internal error;
 // and the data dir holds nothing but the store's own files afterwards.
@@ -42,6 +43,11 @@ func FuzzControllerRequests(f *testing.F) {
 		{6, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: "vol-0123456789abcdef0123456789abcdef",
 			VolumeCapabilities: []*csi.VolumeCapability{rwo}}},
 		{7, &csi.GetCapacityRequest{VolumeCapabilities: []*csi.VolumeCapability{rwo}}},
+		{8, &csi.CreateVolumeGroupSnapshotRequest{Name: "group",
+			SourceVolumeIds: []string{"vol-0123456789abcdef0123456789abcdef", "vol-x"}}},
+		{9, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: "gsnap-0123456789abcdef0123456789abcdef",
+			SnapshotIds: []string{"snap-1"}}},
+		{10, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "../groups"}},
 	} {
 		b, err := proto.Marshal(s.req)
 		if err != nil {
@@ -96,7 +102,7 @@ func fuzzDriver(f *testing.F) (*Driver, string) {
 func callController(d *Driver, rpc byte, b []byte) error {
 	ctx := context.Background()
 	var err error
-	switch rpc % 8 {
+	switch rpc % 11 {
 	case 0:
 		req := &csi.CreateVolumeRequest{}
 		if proto.Unmarshal(b, req) != nil {
@@ -151,12 +157,30 @@ func callController(d *Driver, rpc byte, b []byte) error {
 			return nil
 		}
 		_, err = d.GetCapacity(ctx, req)
+	case 8:
+		req := &csi.CreateVolumeGroupSnapshotRequest{}
+		if proto.Unmarshal(b, req) != nil {
+			return nil
+		}
+		_, err = d.CreateVolumeGroupSnapshot(ctx, req)
+	case 9:
+		req := &csi.GetVolumeGroupSnapshotRequest{}
+		if proto.Unmarshal(b, req) != nil {
+			return nil
+		}
+		_, err = d.GetVolumeGroupSnapshot(ctx, req)
+	case 10:
+		req := &csi.DeleteVolumeGroupSnapshotRequest{}
+		if proto.Unmarshal(b, req) != nil {
+			return nil
+		}
+		_, err = d.DeleteVolumeGroupSnapshot(ctx, req)
 	}
 	return toStatus(err)
 }
 
 // storeFile is every name the store's layout (store.go) allows.
-var storeFile = regexp.MustCompile(`^(volumes/vol-[0-9a-f]{32}\.(qcow2|json)|snapshots/snap-[0-9a-f]{32}\.json|staged/vol-[0-9a-f]{32}\.json|volumes|snapshots|staged)$`)
+var storeFile = regexp.MustCompile(`^(volumes/vol-[0-9a-f]{32}\.(qcow2|json)|snapshots/snap-[0-9a-f]{32}\.json|staged/vol-[0-9a-f]{32}\.json|groups/gsnap-[0-9a-f]{32}\.json|volumes|snapshots|staged|groups)$`)
 
 var strayOnce sync.Once
 

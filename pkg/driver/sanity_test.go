@@ -11,7 +11,9 @@ import (
 )
 
 // TestSanity runs csi-sanity v5.6.0 (the library form) against the driver:
-// identity and controller over the real data dir code, the node service
+// identity, controller and group controller (its specs run once
+// GetPluginCapabilities offers GROUP_CONTROLLER_SERVICE; groups_test.go
+// covers what they do not) over the real data dir code, the node service
 // with FakeMounter and the fake attacher in place of mount(8) and
 // /dev/nbdX, which the host lacks. The full suite on real devices runs in
 // the qemu guest.

@@ -165,6 +165,7 @@ func (d *Driver) NewGRPCServer(outer ...grpc.UnaryServerInterceptor) *grpc.Serve
 	}
 	if d.opts.Mode.controller() {
 		csi.RegisterControllerServer(srv, d)
+		csi.RegisterGroupControllerServer(srv, d)
 	}
 	if d.opts.Mode.node() {
 		csi.RegisterNodeServer(srv, d)

@@ -163,10 +163,10 @@ func (e *metadataEnv) write(t *testing.T, off, n int64) {
 
 func (e *metadataEnv) snapshot(t *testing.T, name, vol string) string {
 	t.Helper()
-	return snapshotOf(t, e.testEnv, name, vol)
+	return mustSnapshot(t, e.testEnv, name, vol)
 }
 
-func snapshotOf(t *testing.T, e *testEnv, name, vol string) string {
+func mustSnapshot(t *testing.T, e *testEnv, name, vol string) string {
 	t.Helper()
 	r, err := e.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
 	if err != nil {
@@ -490,14 +490,14 @@ func TestSnapshotMetadataStagedVolume(t *testing.T) {
 	if _, err := dev.WriteAt(make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
-	base := snapshotOf(t, e, "base", vol)
+	base := mustSnapshot(t, e, "base", vol)
 	if _, err := dev.WriteAt([]byte("changed"), 1<<20+10); err != nil {
 		t.Fatal(err)
 	}
 	if err := dev.WriteZeroes(0, 4096, true); err != nil {
 		t.Fatal(err)
 	}
-	target := snapshotOf(t, e, "target", vol)
+	target := mustSnapshot(t, e, "target", vol)
 	s, err := csi.NewSnapshotMetadataClient(e.conn).GetMetadataDelta(context.Background(),
 		&csi.GetMetadataDeltaRequest{BaseSnapshotId: base, TargetSnapshotId: target})
 	if err != nil {

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"io/fs"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -63,18 +64,14 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 // takeSnapshot creates internal snapshot id. When the volume is staged and
 // mounted here, its filesystem is frozen around it, so what the snapshot
 // holds is consistent (the freeze writes back dirty data through the
-// device; the flush then makes it durable in the image).
+// device; the flush then makes it durable in the image). One image needs
+// no write gate: CreateSnapshot itself waits out and holds off its I/O.
 func (d *Driver) takeSnapshot(img *qcow2.Image, sv *stagedVolume, id string) (qcow2.SnapshotInfo, error) {
-	if sv != nil && !sv.meta.Block {
-		if err := d.mounter.Freeze(sv.meta.StagingPath); err != nil {
-			return qcow2.SnapshotInfo{}, err
-		}
-		defer func() {
-			if err := d.mounter.Thaw(sv.meta.StagingPath); err != nil {
-				klog.ErrorS(err, "Thaw after snapshot failed", "volumeID", sv.meta.VolumeID)
-			}
-		}()
+	thaw, err := d.freezeFS(sv)
+	if err != nil {
+		return qcow2.SnapshotInfo{}, err
 	}
+	defer thaw()
 	if err := img.Flush(); err != nil {
 		return qcow2.SnapshotInfo{}, err
 	}
@@ -92,13 +89,39 @@ func (d *Driver) takeSnapshot(img *qcow2.Image, sv *stagedVolume, id string) (qc
 	return info, err
 }
 
+// freezeFS freezes the filesystem of a staged, mounted filesystem volume
+// and returns what thaws it; for any other volume both do nothing. A path
+// that is not a mount point is never frozen: FIFREEZE on it would freeze
+// whatever filesystem holds the directory.
+func (d *Driver) freezeFS(sv *stagedVolume) (thaw func(), err error) {
+	if sv == nil || sv.meta.Block {
+		return func() {}, nil
+	}
+	path := sv.meta.StagingPath
+	mounted, err := d.mounter.IsMountPoint(path)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && !mounted {
+		return func() {}, nil
+	} else if err != nil {
+		return nil, err
+	}
+	if err := d.mounter.Freeze(path); err != nil {
+		return nil, err
+	}
+	return func() {
+		if err := d.mounter.Thaw(path); err != nil {
+			klog.ErrorS(err, "Thaw after snapshot failed", "volumeID", sv.meta.VolumeID)
+		}
+	}, nil
+}
+
 func csiSnapshot(m *snapshotMeta) *csi.Snapshot {
 	return &csi.Snapshot{
-		SnapshotId:     m.ID,
-		SourceVolumeId: m.SourceVolumeID,
-		SizeBytes:      m.SizeBytes,
-		CreationTime:   timestamppb.New(m.CreatedAt),
-		ReadyToUse:     true,
+		SnapshotId:      m.ID,
+		SourceVolumeId:  m.SourceVolumeID,
+		SizeBytes:       m.SizeBytes,
+		CreationTime:    timestamppb.New(m.CreatedAt),
+		ReadyToUse:      true,
+		GroupSnapshotId: m.GroupSnapshotID,
 	}
 }
 
@@ -127,14 +150,16 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	return &csi.DeleteSnapshotResponse{}, nil
 }
 
-// deleteSnapshotLocked deletes snapshot m; the caller holds the locks of
-// m.ID and m.SourceVolumeID. DeleteSnapshot's work, and the orphan
-// checker's (orphans.go).
+// deleteSnapshotLocked deletes snapshot m: the internal snapshot, then its
+// file. The caller holds the locks of m.ID and m.SourceVolumeID.
+// DeleteSnapshot's work, the orphan checker's (orphans.go) and the group
+// snapshots' (groups.go). A member of a group snapshot may be deleted
+// alone too (the group then lists the rest): the CO may delete a group's
+// VolumeSnapshots one by one.
 func (d *Driver) deleteSnapshotLocked(m *snapshotMeta) error {
-	id := m.ID
 	if _, err := d.store.readVolume(m.SourceVolumeID); err == nil {
 		err = d.withImage(m.SourceVolumeID, false, func(img *qcow2.Image, _ *stagedVolume) error {
-			if err := img.DeleteSnapshot(id); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
+			if err := img.DeleteSnapshot(m.ID); err != nil && !errors.Is(err, qcow2.ErrSnapshotNotFound) {
 				return err
 			}
 			return img.Flush()
@@ -143,10 +168,10 @@ func (d *Driver) deleteSnapshotLocked(m *snapshotMeta) error {
 			return err
 		}
 	}
-	if err := d.store.remove("snapshots", id); err != nil {
+	if err := d.store.remove("snapshots", m.ID); err != nil {
 		return err
 	}
-	klog.V(2).InfoS("Deleted snapshot", "snapshotID", id, "volumeID", m.SourceVolumeID)
+	klog.V(2).InfoS("Deleted snapshot", "snapshotID", m.ID, "volumeID", m.SourceVolumeID, "groupSnapshotID", m.GroupSnapshotID)
 	return nil
 }
 

@@ -26,13 +26,17 @@ import (
 //	snapshots/<snapshotID>.json  a snapshot: an internal snapshot named
 //	                           <snapshotID> inside its source volume's image
 //	staged/<volumeID>.json     a volume staged on this node (for restarts)
+//	groups/<groupID>.json      a volume group snapshot: its member snapshots,
+//	                           each an ordinary snapshots/<snapshotID>.json
 //
-// Ids are ours: "vol-" or "snap-" and 32 hex digits of the SHA-256 of the
-// CO's name, so create-by-name finds its earlier result on disk in O(1).
-// Anything else is not an id of ours and is never turned into a path.
+// Ids are ours: "vol-", "snap-" or "gsnap-" and 32 hex digits of the
+// SHA-256 of the CO's name, so create-by-name finds its earlier result on
+// disk in O(1). Anything else is not an id of ours and is never turned
+// into a path.
 const (
 	volumePrefix   = "vol-"
 	snapshotPrefix = "snap-"
+	groupPrefix    = "gsnap-"
 	imageExt       = ".qcow2"
 	metaExt        = ".json"
 )
@@ -40,6 +44,7 @@ const (
 var (
 	volumeIDPattern   = regexp.MustCompile(`^vol-[0-9a-f]{32}$`)
 	snapshotIDPattern = regexp.MustCompile(`^snap-[0-9a-f]{32}$`)
+	groupIDPattern    = regexp.MustCompile(`^gsnap-[0-9a-f]{32}$`)
 )
 
 func idFor(prefix, name string) string {
@@ -49,9 +54,18 @@ func idFor(prefix, name string) string {
 
 func volumeIDFor(name string) string   { return idFor(volumePrefix, name) }
 func snapshotIDFor(name string) string { return idFor(snapshotPrefix, name) }
+func groupIDFor(name string) string    { return idFor(groupPrefix, name) }
+
+// memberSnapshotIDFor is the id of the snapshot of volume volID in group
+// groupID. Its hash input holds NULs, which the spec bans from CO names,
+// so no CreateSnapshot name maps to it.
+func memberSnapshotIDFor(groupID, volID string) string {
+	return idFor(snapshotPrefix, "\x00group\x00"+groupID+"\x00"+volID)
+}
 
 func validVolumeID(id string) bool   { return volumeIDPattern.MatchString(id) }
 func validSnapshotID(id string) bool { return snapshotIDPattern.MatchString(id) }
+func validGroupID(id string) bool    { return groupIDPattern.MatchString(id) }
 
 // volumeMeta is volumes/<id>.json.
 type volumeMeta struct {
@@ -72,6 +86,18 @@ type snapshotMeta struct {
 	SourceVolumeID string    `json:"sourceVolumeID"`
 	SizeBytes      int64     `json:"sizeBytes"`
 	CreatedAt      time.Time `json:"createdAt"`
+	// GroupSnapshotID is set on the members of a volume group snapshot.
+	GroupSnapshotID string `json:"groupSnapshotID,omitempty"`
+}
+
+// groupMeta is groups/<id>.json. SnapshotIDs[i] is the snapshot of
+// SourceVolumeIDs[i]; the volume ids are sorted.
+type groupMeta struct {
+	ID              string    `json:"id"`
+	Name            string    `json:"name"`
+	SourceVolumeIDs []string  `json:"sourceVolumeIDs"`
+	SnapshotIDs     []string  `json:"snapshotIDs"`
+	CreatedAt       time.Time `json:"createdAt"`
 }
 
 // stagedMeta is staged/<id>.json: enough to serve and reattach a staged
@@ -95,7 +121,7 @@ type store struct {
 // everything below would land wherever a planted link points.
 func newStore(root string) (*store, error) {
 	s := &store{root: root}
-	for _, d := range []string{s.dir("volumes"), s.dir("snapshots"), s.dir("staged")} {
+	for _, d := range []string{s.dir("volumes"), s.dir("snapshots"), s.dir("staged"), s.dir("groups")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("data dir: %w", err)
 		}
@@ -123,8 +149,11 @@ func (s *store) imagePath(id string) string {
 
 func (s *store) metaPath(kind, id string) (string, error) {
 	ok := validVolumeID(id)
-	if kind == "snapshots" {
+	switch kind {
+	case "snapshots":
 		ok = validSnapshotID(id)
+	case "groups":
+		ok = validGroupID(id)
 	}
 	if !ok {
 		return "", newError(errNotFound, "%s %q: no such id", strings.TrimSuffix(kind, "s"), id)
@@ -178,7 +207,7 @@ func (s *store) list(kind string) ([]string, error) {
 	var ids []string
 	for _, e := range ents {
 		id, ok := strings.CutSuffix(e.Name(), metaExt)
-		if ok && (validVolumeID(id) || validSnapshotID(id)) {
+		if ok && (validVolumeID(id) || validSnapshotID(id) || validGroupID(id)) {
 			ids = append(ids, id)
 		}
 	}
@@ -194,6 +223,11 @@ func (s *store) readVolume(id string) (*volumeMeta, error) {
 func (s *store) readSnapshot(id string) (*snapshotMeta, error) {
 	var m snapshotMeta
 	return &m, s.read("snapshots", id, &m)
+}
+
+func (s *store) readGroup(id string) (*groupMeta, error) {
+	var m groupMeta
+	return &m, s.read("groups", id, &m)
 }
 
 func (s *store) readStaged(id string) (*stagedMeta, error) {
