@@ -287,7 +287,13 @@ running app-ext4 || fail "app-ext4 not running again"
 n=$(kx app-ext4 'cat /data/last')
 bad=$(records "$n" app-ext4)
 [ -z "$bad" ] || fail "fsynced records lost or wrong: $bad"
-pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write"
+# The new pod's first orphan check listed the PVs through client-go with
+# the manifests' RBAC: every volume here has its PV, so none is an orphan.
+orphan_check() { kubectl -n $ns logs "$new" -c csi-qcow2 2>/dev/null | grep 'Orphan check listed the cluster' | grep 'kind="volume"'; }
+wait_for 60 "the new driver pod's first orphan check" orphan_check
+oc=$(orphan_check)
+case $oc in *' orphans=0'*) ;; *) fail "the orphan check found orphans among volumes with PVs: $oc" ;; esac
+pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write; orphan check: ${oc#*kind=}"
 
 step "refused and unschedulable PVCs get clear events"
 storageclass csi-qcow2-bad '{noSuchParameter: "1"}'

@@ -46,6 +46,9 @@ type orphanChecker struct {
 	// since is when each id was first seen orphaned in the current
 	// unbroken run of checks. Only check touches it.
 	since map[string]time.Time
+	// listed: kinds whose first successful check was logged (once, so an
+	// operator sees the checker reached the API server).
+	listed map[string]bool
 
 	orphans     *prometheus.GaugeVec
 	checkErrors *prometheus.CounterVec
@@ -55,8 +58,9 @@ func newOrphanChecker(d *Driver, c ClusterObjects) *orphanChecker {
 	return &orphanChecker{
 		d: d, cluster: c,
 		grace: d.opts.OrphanGrace, deleteAfter: d.opts.DeleteOrphansAfter,
-		now:   time.Now,
-		since: map[string]time.Time{},
+		now:    time.Now,
+		since:  map[string]time.Time{},
+		listed: map[string]bool{},
 		orphans: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: metricOrphans,
 			Help: "Volumes or snapshots in the data dir that no PersistentVolume or VolumeSnapshotContent names, by kind, at the last check that could list them (absent until one could).",
@@ -192,6 +196,11 @@ func (o *orphanChecker) judge(ctx context.Context, kind string, handles map[stri
 	}
 	o.forget(kind, seen)
 	o.orphans.WithLabelValues(kind).Set(float64(n))
+	if !o.listed[kind] {
+		o.listed[kind] = true
+		klog.InfoS("Orphan check listed the cluster", "kind", kind, "clusterObjects", len(handles),
+			"inDataDir", len(cs), "orphans", n)
+	}
 }
 
 // forget drops the runs of kind's ids that were not seen orphaned now.
