@@ -288,10 +288,14 @@ n=$(kx app-ext4 'cat /data/last')
 bad=$(records "$n" app-ext4)
 [ -z "$bad" ] || fail "fsynced records lost or wrong: $bad"
 # The new pod's first orphan check listed the PVs through client-go with
-# the manifests' RBAC: every volume here has its PV, so none is an orphan.
+# the manifests' RBAC (clusterObjects: our PVs, at least one); every volume
+# here has its PV (and is younger than the grace period), so none is an
+# orphan.
 orphan_check() { kubectl -n $ns logs "$new" -c csi-qcow2 2>/dev/null | grep 'Orphan check listed the cluster' | grep 'kind="volume"'; }
 wait_for 60 "the new driver pod's first orphan check" orphan_check
 oc=$(orphan_check)
+pvs=$(sed -n 's/.* clusterObjects=\([0-9]*\) .*/\1/p' <<<"$oc")
+[ "${pvs:-0}" -ge 1 ] || fail "the orphan check listed no PV of ours: $oc"
 case $oc in *' orphans=0'*) ;; *) fail "the orphan check found orphans among volumes with PVs: $oc" ;; esac
 pass "driver pod $old -> $new; the writer went $last0 -> $n records, no I/O error, all $n fsynced records intact, fs read-write; orphan check: ${oc#*kind=}"
 
