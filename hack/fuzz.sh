@@ -16,6 +16,9 @@
 #   FUZZTIMEOUT  go test -timeout (default 1h; keep it above FUZZTIME, or
 #             go test's default of 10m ends a 10m run as a failure)
 #   FUZZPARALLEL go test -parallel: fuzzing workers (default GOMAXPROCS)
+#   FUZZSAVE=1  copy the inputs that found new coverage (go test keeps them
+#             in $GOCACHE/fuzz) into testdata/fuzz/<Target>/, to commit as
+#             seeds that `go test ./...` replays (after a long run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +71,10 @@ for t in "${targets[@]}"; do
 	else
 		status=FAIL
 		failed+=("$name")
+	fi
+	if [ "${FUZZSAVE:-}" = 1 ] && [ -d "$(go env GOCACHE)/fuzz/$pkg/$name" ]; then
+		mkdir -p "$corpus"
+		cp -n "$(go env GOCACHE)/fuzz/$pkg/$name"/* "$corpus"/ 2>/dev/null || true
 	fi
 	# The last progress line has the totals: "fuzz: elapsed: 8s, execs: 1234 (154/sec), ...";
 	# its rate is only the last interval's, so the mean is computed here.
