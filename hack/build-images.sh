@@ -37,9 +37,11 @@
 #   registry.k8s.io/e2e-test-images/busybox:<BusyBox>  the busybox above
 #   registry.k8s.io/e2e-test-images/agnhost:<Agnhost>  busybox + /agnhost,
 #       built from the same module by `hack/k8s-build.sh e2e` (subPath)
-#   registry.k8s.io/e2e-test-images/nginx:<Nginx>, .../glibc-dns-testing:
-#       <GlibcDnsTesting>  the busybox again: the storage tests only run
-#       sh scripts in them (volumes' exec test, multiVolume's pods)
+#   registry.k8s.io/e2e-test-images/nginx:<Nginx>  the busybox again: the
+#       storage tests only run sh scripts in it
+#   registry.k8s.io/e2e-test-images/glibc-dns-testing:<GlibcDnsTesting>  the
+#       driver image's Debian root: multiVolume's pods run GNU dd
+#       (oflag=nocache) in it
 #   registry.k8s.io/pause:<Pause>  the pause above, under the suite's tag
 #
 # Usage: hack/build-images.sh [--require-sidecars]
@@ -335,14 +337,21 @@ e2e_images() {
 	[ -f "$e2e_manifest" ] || die "no test/utils/image/manifest.go in k8s.io/kubernetes@$v"
 	deb=$(ls "$work"/debs/busybox-static_*.deb)
 	local name tag
-	for id in BusyBox Nginx GlibcDnsTesting; do
+	for id in BusyBox Nginx; do
 		name=busybox
-		case $id in Nginx) name=nginx ;; GlibcDnsTesting) name=glibc-dns-testing ;; esac
+		case $id in Nginx) name=nginx ;; esac
 		tag=$(e2e_tag $id)
 		image "$reg/$name:$tag" "$(sha "$deb")" stage_busybox -- \
 			-layer "$work/stage/busybox" \
 			-env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin -cmd '["sh"]'
 	done
+	# The multiVolume tests write with GNU dd's oflag=nocache in this one,
+	# which busybox's dd refuses: the driver image's Debian root (coreutils,
+	# util-linux's blockdev), a glibc userland as upstream's is.
+	tag=$(e2e_tag GlibcDnsTesting)
+	image "$reg/glibc-dns-testing:$tag" "$rootfs_key" : -- \
+		-layer "$rootfs" \
+		-env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin -cmd '["sh"]'
 	tag=$(e2e_tag Agnhost)
 	agnhost_bin=$k8sbin/agnhost-$tag
 	[ -x "$agnhost_bin" ] || die "no $agnhost_bin: run hack/k8s-build.sh e2e"
