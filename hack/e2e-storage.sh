@@ -187,6 +187,10 @@ run_suite() {
 		-ginkgo.timeout "${TIMEOUT:-3h}" -ginkgo.no-color -ginkgo.v \
 		${E2E_ARGS:-} 2>&1 | tee "$logs/$name.log" || rc=$?
 	phase "$name: e2e-storage.test exited $rc after $((SECONDS - s)) s"
+	if grep -q '^Will run 0 of ' "$logs/$name.log"; then
+		echo "FAIL: $name: ginkgo's focus selected no spec (the suite would report them all as skipped)" >&2
+		rc=1
+	fi
 	hack/e2e-storage/summary.py "$report/ginkgo.json" "$focus" "$skip" "$logs/$name.log" || rc=1
 	return $rc
 }
