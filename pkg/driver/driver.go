@@ -42,7 +42,7 @@ type Driver struct {
 	cluster ClusterObjects
 
 	// metadataTLS is set when the SnapshotMetadata service is on.
-	metadataTLS *metadataTLS
+	metadataTLS *tlsFiles
 
 	mu           sync.Mutex // guards staged and metadataAddr; never held across I/O
 	staged       map[string]*stagedVolume
