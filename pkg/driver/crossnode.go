@@ -3,11 +3,11 @@ package driver
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net"
 	"net/http"
@@ -250,10 +250,10 @@ func (cc *crossCopy) logProgress(stop <-chan struct{}) {
 var errBadStream = errors.New("peer stream")
 
 // readFrames writes writeFrames' data runs into dst and checks the end
-// frame: the size granted and the SHA-256 of all the frames. copied counts
+// frame: the size granted and the CRC-32C of all the frames. copied counts
 // the data bytes written.
 func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) error {
-	h := sha256.New()
+	h := crc32.New(castagnoli)
 	tr := io.TeeReader(r, h)
 	var hdr [16]byte
 	buf := make([]byte, 4<<20)
@@ -280,12 +280,12 @@ func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) 
 		copied.Add(int64(n))
 	}
 	want := h.Sum(nil)
-	var got [sha256.Size]byte
+	var got [crc32.Size]byte
 	if _, err := io.ReadFull(r, got[:]); err != nil {
 		return fmt.Errorf("%w: checksum: %v", errBadStream, err)
 	}
 	if !bytes.Equal(got[:], want) {
-		return fmt.Errorf("%w: SHA-256 mismatch: sent %x, received %x", errBadStream, got, want)
+		return fmt.Errorf("%w: CRC-32C mismatch: sent %x, received %x", errBadStream, got, want)
 	}
 	return nil
 }
