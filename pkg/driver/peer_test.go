@@ -29,7 +29,7 @@ import (
 
 // issuePeer returns files of a certificate for both ends of the peer
 // channel: server and client, named csi-qcow2-peer.
-func (ca *testCA) issuePeer(t *testing.T, name string) (certPEM, keyPEM []byte) {
+func (ca *testCA) issuePeer(t testing.TB, name string) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key := mustKey(t)
 	tmpl := &x509.Certificate{
@@ -51,7 +51,7 @@ func (ca *testCA) issuePeer(t *testing.T, name string) (certPEM, keyPEM []byte) 
 }
 
 // peerFiles writes a peer certificate of ca for name, and ca.
-func peerFiles(t *testing.T, ca *testCA, name string) (cert, key, caFile string) {
+func peerFiles(t testing.TB, ca *testCA, name string) (cert, key, caFile string) {
 	t.Helper()
 	dir := t.TempDir()
 	c, k := ca.issuePeer(t, name)
@@ -65,7 +65,7 @@ func peerFiles(t *testing.T, ca *testCA, name string) (cert, key, caFile string)
 
 // newPeerEnv is a driver playing node name, its peer service on a
 // loopback port, asking peers.
-func newPeerEnv(t *testing.T, ca *testCA, name, peers string) *testEnv {
+func newPeerEnv(t testing.TB, ca *testCA, name, peers string) *testEnv {
 	t.Helper()
 	cert, key, caFile := peerFiles(t, ca, name)
 	e := newTestEnvWith(t, func(o *Options) {

@@ -37,7 +37,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key := mustKey(t)
 	tmpl := &x509.Certificate{
@@ -56,7 +56,7 @@ func newTestCA(t *testing.T, name string) *testCA {
 	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
 }
 
-func mustKey(t *testing.T) *ecdsa.PrivateKey {
+func mustKey(t testing.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -166,7 +166,7 @@ func (e *metadataEnv) snapshot(t *testing.T, name, vol string) string {
 	return snapshotOf(t, e.testEnv, name, vol)
 }
 
-func snapshotOf(t *testing.T, e *testEnv, name, vol string) string {
+func snapshotOf(t testing.TB, e *testEnv, name, vol string) string {
 	t.Helper()
 	r, err := e.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
 	if err != nil {
