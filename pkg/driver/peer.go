@@ -115,6 +115,7 @@ func (d *Driver) startPeer(ctx context.Context) (<-chan struct{}, error) {
 		close(done)
 		return done, nil
 	}
+	d.dropLeftoverTempSnapshots()
 	l, err := net.Listen("tcp", d.opts.PeerAddress)
 	if err != nil {
 		return nil, err
@@ -279,6 +280,32 @@ func (d *Driver) dropTempSnapshot(id, name string) bool {
 		return false
 	}
 	return true
+}
+
+// dropLeftoverTempSnapshots deletes the clone grants' snapshots a killed
+// driver left in its volumes: at start no grant is live.
+func (d *Driver) dropLeftoverTempSnapshots() {
+	ids, err := d.store.list("volumes")
+	if err != nil {
+		klog.ErrorS(err, "Listing volumes for leftover clone grant snapshots failed")
+		return
+	}
+	for _, id := range ids {
+		var names []string
+		_ = d.withImage(id, true, func(img *qcow2.Image, _ *stagedVolume) error {
+			for _, s := range img.Snapshots() {
+				if strings.HasPrefix(s.Name, tempSnapshotPrefix) {
+					names = append(names, s.Name)
+				}
+			}
+			return nil
+		})
+		for _, n := range names {
+			if d.dropTempSnapshot(id, n) {
+				klog.InfoS("Dropped a clone grant's snapshot left by a previous run", "volumeID", id, "snapshot", n)
+			}
+		}
+	}
 }
 
 // expire forgets expired grants and drops their temporary snapshots.

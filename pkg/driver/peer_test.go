@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -202,6 +203,33 @@ func TestCrossNodeRestoreAndClone(t *testing.T) {
 		t.Errorf("source has %d snapshots after the clone; want the one CreateSnapshot took", len(s))
 	}
 	img.Close()
+	p := n.a.d.peer
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.grants) != 1 {
+		t.Errorf("node a gave %d live grants; want 1 (the restore's: retries joined its copy, the clone's ended with its read)", len(p.grants))
+	}
+}
+
+// TestCrossNodeLeftoverTempSnapshot: a clone grant's snapshot that a
+// killed driver left is dropped when the peer service starts.
+func TestCrossNodeLeftoverTempSnapshot(t *testing.T) {
+	n := newTwoNodes(t, peerVolSize, writePattern(t))
+	name := tempSnapshotPrefix + "0123456789abcdef"
+	if _, err := n.a.d.tempSnapshot(n.vol, name); err != nil {
+		t.Fatal(err)
+	}
+	n.a.d.dropLeftoverTempSnapshots()
+	img, err := qcow2.Open(n.a.d.store.imagePath(n.vol), qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	for _, s := range img.Snapshots() {
+		if s.Name == name {
+			t.Errorf("snapshot %s left", name)
+		}
+	}
 }
 
 func TestCrossNodeNeedsParameter(t *testing.T) {
@@ -333,6 +361,9 @@ func TestCrossNodePeerKilled(t *testing.T) {
 	cc := b.d.copies.get(id)
 	for cc.copied.Load() == 0 {
 		time.Sleep(time.Millisecond)
+	}
+	if got := testutil.CollectAndCount(&copyCollector{b.d.copies}, metricCopiedBytes); got != 1 {
+		t.Errorf("%s has %d series during the copy; want 1", metricCopiedBytes, got)
 	}
 	px.cut()
 	<-cc.done
