@@ -282,12 +282,19 @@ func (o *Options) validateSnapshotMetadata() []error {
 		}
 		return nil
 	}
+	return validateTLSListener("--snapshot-metadata-address", o.SnapshotMetadataAddress, ":50051", files,
+		"--snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca")
+}
+
+// validateTLSListener checks a mutual-TLS listener's address and that
+// all of its files are named.
+func validateTLSListener(flag, addr, example string, files []string, fileFlags string) []error {
 	var errs []error
-	if _, _, err := net.SplitHostPort(o.SnapshotMetadataAddress); err != nil {
-		errs = append(errs, fmt.Errorf("--snapshot-metadata-address %q: want HOST:PORT, e.g. :50051", o.SnapshotMetadataAddress))
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		errs = append(errs, fmt.Errorf("%s %q: want HOST:PORT, e.g. %s", flag, addr, example))
 	}
 	if slices.Contains(files, "") {
-		errs = append(errs, errors.New("--snapshot-metadata-address needs --snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca (mutual TLS; there is no plain TCP)"))
+		errs = append(errs, fmt.Errorf("%s needs %s (mutual TLS; there is no plain TCP)", flag, fileFlags))
 	}
 	return errs
 }
@@ -302,13 +309,7 @@ func (o *Options) validatePeer() []error {
 		}
 		return nil
 	}
-	var errs []error
-	if _, _, err := net.SplitHostPort(o.PeerAddress); err != nil {
-		errs = append(errs, fmt.Errorf("--peer-address %q: want HOST:PORT, e.g. :7443", o.PeerAddress))
-	}
-	if slices.Contains(files, "") {
-		errs = append(errs, errors.New("--peer-address needs --peer-tls-cert, --peer-tls-key and --peer-ca (mutual TLS; there is no plain TCP)"))
-	}
+	errs := validateTLSListener("--peer-address", o.PeerAddress, ":7443", files, "--peer-tls-cert, --peer-tls-key and --peer-ca")
 	for _, p := range peerList(o.Peers) {
 		if _, _, err := net.SplitHostPort(p); err != nil {
 			errs = append(errs, fmt.Errorf("--peers: %q: want HOST:PORT", p))

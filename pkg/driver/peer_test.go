@@ -3,11 +3,9 @@ package driver
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"io"
 	"math/big"
@@ -40,15 +38,7 @@ func (ca *testCA) issuePeer(t testing.TB, name string) (certPEM, keyPEM []byte) 
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		DNSNames:    []string{"csi-qcow2-peer"},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+	return ca.sign(t, tmpl, key)
 }
 
 // peerFiles writes a peer certificate of ca for name, and ca.
@@ -154,20 +144,6 @@ func createUntilDone(t *testing.T, e *testEnv, req *csi.CreateVolumeRequest) (*c
 	}
 }
 
-func readPeerImage(t *testing.T, e *testEnv, id string) []byte {
-	t.Helper()
-	img, err := qcow2.Open(e.d.store.imagePath(id), qcow2.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	b := make([]byte, img.Size())
-	if _, err := img.ReadAt(b, 0); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func TestCrossNodeRestoreAndClone(t *testing.T) {
 	n := newTwoNodes(t, peerVolSize, writePattern(t))
 	req := restoreReq("restored", n.snap, peerVolSize)
@@ -182,7 +158,7 @@ func TestCrossNodeRestoreAndClone(t *testing.T) {
 	if got := v.GetAccessibleTopology()[0].GetSegments()[n.b.opts.TopologyKey]; got != "node-b" {
 		t.Errorf("topology %q; want node-b", got)
 	}
-	if !bytes.Equal(readPeerImage(t, n.b, v.GetVolumeId()), n.data) {
+	if !bytes.Equal(readImage(t, n.b, v.GetVolumeId()), n.data) {
 		t.Error("restored volume differs from the snapshot")
 	}
 	if again, err := n.b.ctrl.CreateVolume(context.Background(), req); err != nil || again.GetVolume().GetVolumeId() != v.GetVolumeId() {
@@ -192,7 +168,7 @@ func TestCrossNodeRestoreAndClone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(readPeerImage(t, n.b, c.GetVolumeId()), n.data) {
+	if !bytes.Equal(readImage(t, n.b, c.GetVolumeId()), n.data) {
 		t.Error("cloned volume differs from the source")
 	}
 	img, err := qcow2.Open(n.a.d.store.imagePath(n.vol), qcow2.OpenOptions{ReadOnly: true})

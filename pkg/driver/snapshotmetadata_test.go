@@ -79,6 +79,12 @@ func (ca *testCA) issue(t *testing.T, name string, server bool) (certPEM, keyPEM
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
 	}
+	return ca.sign(t, tmpl, key)
+}
+
+// sign returns tmpl signed by the CA and key, both PEM.
+func (ca *testCA) sign(t testing.TB, tmpl *x509.Certificate, key *ecdsa.PrivateKey) (certPEM, keyPEM []byte) {
+	t.Helper()
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
