@@ -246,8 +246,8 @@ func TestPeerRefuses(t *testing.T) {
 	// A certificate of another CA: the handshake fails, nothing is read.
 	other := newTestCA(t, "other")
 	bad := peerHTTP(t, n.ca, other, "intruder")
-	if _, err := askGrant(ctx, bad, addr, gr); err == nil {
-		t.Error("grant to a certificate of another CA succeeded")
+	if _, err := askGrant(ctx, bad, addr, gr); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("grant to a certificate of another CA = %v; want a TLS certificate error", err)
 	}
 	if resp, err := bad.Get("https://" + addr + peerReadPath + "?snapshot=" + n.snap); err == nil {
 		resp.Body.Close()
@@ -413,5 +413,112 @@ func TestCopyLeftoversRemovedAtStart(t *testing.T) {
 	e.d.removeCopyLeftovers()
 	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
 		t.Errorf("leftover .tmp image after start: %v", err)
+	}
+}
+
+func TestOptionsValidatePeer(t *testing.T) {
+	on := func(o *Options) {
+		o.PeerAddress, o.PeerTLSCert, o.PeerTLSKey, o.PeerCA = ":7443", "c", "k", "ca"
+	}
+	runValidateCases(t, []validateCase{
+		{"on", on, ""},
+		{"with peers", func(o *Options) { on(o); o.Peers = "csi-qcow2-peers.ns.svc:7443, 10.0.0.2:7443" }, ""},
+		{"peer without a port", func(o *Options) { on(o); o.Peers = "10.0.0.2" }, "--peers"},
+		{"bad address", func(o *Options) { on(o); o.PeerAddress = "7443" }, "want HOST:PORT"},
+		{"no CA", func(o *Options) { on(o); o.PeerCA = "" }, "mutual TLS; there is no plain TCP"},
+		{"files without the address", func(o *Options) { o.PeerTLSCert = "c" }, "--peer-address is not"},
+		{"peers without the address", func(o *Options) { o.Peers = "a:1" }, "--peer-address is not"},
+		{"no grant ttl", func(o *Options) { on(o); o.PeerGrantTTL = 0 }, "--peer-grant-ttl"},
+	})
+}
+
+// TestCrossNodeReceiverRestart: the receiving driver stops mid-copy; the
+// copy stops with it and leaves nothing, and the driver started again on
+// the same data dir copies the volume whole when CreateVolume is retried.
+func TestCrossNodeReceiverRestart(t *testing.T) {
+	const size = 256 << 20
+	ca := newTestCA(t, "peer-ca")
+	a := newPeerEnv(t, ca, "node-a", "")
+	vol := a.mustCreate(t, createReq("src", size, nil)).GetVolumeId()
+	img, err := qcow2.Open(a.d.store.imagePath(vol), qcow2.OpenOptions{Lock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := bytes.Repeat([]byte{9}, 1<<20)
+	for off := int64(0); off < size; off += 2 << 20 {
+		img.WriteAt(chunk, off)
+	}
+	img.Close()
+	snap := snapshotOf(t, a, "snap", vol)
+	cert, key, caFile := peerFiles(t, ca, "node-b")
+	dir := t.TempDir()
+	opts := DefaultOptions()
+	opts.Endpoint, opts.NodeID, opts.DataDir = "unix://"+dir+"/csi.sock", "node-b", dir+"/data"
+	opts.PeerAddress, opts.PeerTLSCert, opts.PeerTLSKey, opts.PeerCA = "127.0.0.1:0", cert, key, caFile
+	opts.Peers = a.d.peerAddress().String()
+	start := func() (*Driver, func()) {
+		d, err := New(opts, newFakeMounter(), newFakeAttacher())
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := d.Listen()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		served := make(chan error, 1)
+		go func() { served <- d.ServeOn(ctx, l) }()
+		for d.peerAddress() == nil {
+			time.Sleep(time.Millisecond)
+		}
+		return d, func() {
+			cancel()
+			if err := <-served; err != nil {
+				t.Errorf("ServeOn: %v", err)
+			}
+		}
+	}
+	req := restoreReq("restored", snap, size)
+	id := volumeIDFor("restored")
+	b, stop := start()
+	if _, err := b.CreateVolume(context.Background(), req); codeOf(err) != codes.Unavailable {
+		t.Fatalf("CreateVolume = %v; want Unavailable", err)
+	}
+	cc := b.copies.get(id)
+	for cc.copied.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	stop()
+	if left, _ := filepath.Glob(filepath.Join(opts.DataDir, "volumes", "*")); len(left) != 0 {
+		t.Errorf("left in the data dir by a copy stopped mid-way: %v", left)
+	}
+	b, stop = start()
+	defer stop()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err = b.CreateVolume(context.Background(), req)
+		if codeOf(err) != codes.Unavailable || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("CreateVolume after the restart: %v", err)
+	}
+	got, err := qcow2.Open(b.store.imagePath(id), qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer got.Close()
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += 1 << 20 {
+		got.ReadAt(buf, off)
+		want := byte(0)
+		if off%(2<<20) == 0 {
+			want = 9
+		}
+		if buf[0] != want || buf[len(buf)-1] != want {
+			t.Fatalf("restored volume at %d reads %d; want %d", off, buf[0], want)
+		}
 	}
 }
