@@ -115,6 +115,10 @@ func (d *Driver) createFromPeer(ctx context.Context, req *csi.CreateVolumeReques
 		return nil, err
 	}
 	if cc := d.copies.get(id); cc != nil {
+		want.CapacityBytes = cc.meta.CapacityBytes
+		if !sameVolume(&cc.meta, &want, req.GetCapacityRange()) {
+			return nil, newError(errAlreadyExists, "volume %q is being copied with a different size, parameters or source", req.GetName())
+		}
 		select {
 		case <-cc.done:
 			d.copies.remove(id, cc)
@@ -428,7 +432,12 @@ func peerStatus(resp *http.Response) error {
 
 // removeCopyLeftovers removes the .tmp images a killed driver left: at
 // start no copy or CreateVolume runs, and a half copy is never resumed.
+// Only a process with the controller service makes them; a node-only one
+// leaves them alone (a controller sharing its data dir may be creating).
 func (d *Driver) removeCopyLeftovers() {
+	if !d.opts.Mode.controller() {
+		return
+	}
 	tmps, _ := filepath.Glob(filepath.Join(d.store.dir("volumes"), "*.tmp"))
 	for _, t := range tmps {
 		if err := os.Remove(t); err == nil {

@@ -164,6 +164,11 @@ func TestCrossNodeRestoreAndClone(t *testing.T) {
 	if again, err := n.b.ctrl.CreateVolume(context.Background(), req); err != nil || again.GetVolume().GetVolumeId() != v.GetVolumeId() {
 		t.Errorf("CreateVolume again = %v; want the same volume", err)
 	}
+	bigger := restoreReq("restored", n.snap, 2*peerVolSize)
+	bigger.CapacityRange.LimitBytes = 2 * peerVolSize
+	if _, err := n.b.ctrl.CreateVolume(context.Background(), bigger); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("CreateVolume again with another size = %v; want AlreadyExists", err)
+	}
 	c, err := createUntilDone(t, n.b, cloneReq("cloned", n.vol, peerVolSize))
 	if err != nil {
 		t.Fatal(err)
@@ -485,6 +490,10 @@ func TestCrossNodeReceiverRestart(t *testing.T) {
 	b, stop := start()
 	if _, err := b.CreateVolume(context.Background(), req); codeOf(err) != codes.Unavailable {
 		t.Fatalf("CreateVolume = %v; want Unavailable", err)
+	}
+	other := restoreReq("restored", snap, 2*size)
+	if _, err := b.CreateVolume(context.Background(), other); codeOf(err) != codes.AlreadyExists {
+		t.Errorf("CreateVolume of another size during the copy = %v; want AlreadyExists", err)
 	}
 	cc := b.copies.get(id)
 	for cc.copied.Load() == 0 {
