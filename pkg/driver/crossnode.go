@@ -260,7 +260,7 @@ func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) 
 	h := crc32.New(castagnoli)
 	tr := io.TeeReader(r, h)
 	var hdr [16]byte
-	buf := make([]byte, 4<<20)
+	var buf []byte // grown to the largest frame, at most peerMaxFrame
 	for {
 		if _, err := io.ReadFull(tr, hdr[:]); err != nil {
 			return fmt.Errorf("%w: frame header: %v", errBadStream, err)
@@ -272,8 +272,11 @@ func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) 
 			}
 			break
 		}
-		if n == 0 || n > uint64(len(buf)) || off > uint64(size) || n > uint64(size)-off {
-			return fmt.Errorf("%w: frame [%d, +%d) outside the %d bytes granted", errBadStream, off, n, size)
+		if n == 0 || n > peerMaxFrame || off > uint64(size) || n > uint64(size)-off {
+			return fmt.Errorf("%w: frame [%d, +%d) empty, over %d bytes or outside the %d granted", errBadStream, off, n, peerMaxFrame, size)
+		}
+		if int(n) > len(buf) {
+			buf = make([]byte, n)
 		}
 		if _, err := io.ReadFull(tr, buf[:n]); err != nil {
 			return fmt.Errorf("%w: data at %d: %v", errBadStream, off, err)

@@ -47,6 +47,8 @@ const (
 	// peerFrameEnd in a frame's length field marks the last frame: its
 	// offset is the virtual size and the stream's CRC-32C follows.
 	peerFrameEnd = math.MaxUint64
+	// peerMaxFrame bounds a frame's data: what writeFrames reads at a time.
+	peerMaxFrame = 4 << 20
 	// peerBlock is the granularity at which runs of zeros are left out.
 	peerBlock = 64 << 10
 	// tempSnapshotPrefix names the snapshots a clone grant takes.
@@ -423,7 +425,7 @@ func (p *peerService) handleRead(w http.ResponseWriter, r *http.Request) {
 func writeFrames(ctx context.Context, w io.Writer, src *qcow2.SnapshotView, size int64) error {
 	h := crc32.New(castagnoli)
 	bw := bufio.NewWriterSize(io.MultiWriter(w, h), 1<<20)
-	buf := make([]byte, 4<<20)
+	buf := make([]byte, peerMaxFrame)
 	for off := int64(0); off < size; {
 		if err := ctx.Err(); err != nil {
 			return err
