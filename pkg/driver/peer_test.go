@@ -325,17 +325,7 @@ func TestCrossNodePeerKilled(t *testing.T) {
 	a := newPeerEnv(t, ca, "node-a", "")
 	px := newCutProxy(t, a.d.peerAddress().String())
 	b := newPeerEnv(t, ca, "node-b", px.addr())
-	vol := a.mustCreate(t, createReq("src", size, nil)).GetVolumeId()
-	img, err := qcow2.Open(a.d.store.imagePath(vol), qcow2.OpenOptions{Lock: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	chunk := bytes.Repeat([]byte{7}, 1<<20)
-	for off := int64(0); off < size; off += 1 << 20 {
-		img.WriteAt(chunk, off)
-	}
-	img.Close()
-	snap := snapshotOf(t, a, "snap", vol)
+	snap := bigSnapshot(t, a, size, 1<<20, 7)
 	req := restoreReq("restored", snap, size)
 	if _, err := b.ctrl.CreateVolume(context.Background(), req); status.Code(err) != codes.Unavailable {
 		t.Fatalf("CreateVolume = %v; want Unavailable", err)
@@ -350,7 +340,7 @@ func TestCrossNodePeerKilled(t *testing.T) {
 	}
 	px.cut()
 	<-cc.done
-	_, err = b.ctrl.CreateVolume(context.Background(), req)
+	_, err := b.ctrl.CreateVolume(context.Background(), req)
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "failed") {
 		t.Errorf("CreateVolume after the cut = %v; want Unavailable, copy failed", err)
 	}
@@ -361,6 +351,27 @@ func TestCrossNodePeerKilled(t *testing.T) {
 	if _, err := b.d.store.readVolume(id); !errorsIs(err, errNotFound) {
 		t.Errorf("volume metadata after a failed copy: %v", err)
 	}
+}
+
+// bigSnapshot makes a volume of size on e with 1 MiB of b every `every`
+// bytes, and a snapshot of it.
+func bigSnapshot(t *testing.T, e *testEnv, size, every int64, b byte) string {
+	t.Helper()
+	vol := e.mustCreate(t, createReq("src", size, nil)).GetVolumeId()
+	img, err := qcow2.Open(e.d.store.imagePath(vol), qcow2.OpenOptions{Lock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := bytes.Repeat([]byte{b}, 1<<20)
+	for off := int64(0); off < size; off += every {
+		if _, err := img.WriteAt(chunk, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return snapshotOf(t, e, "snap", vol)
 }
 
 // cutProxy forwards TCP to a peer until cut.
@@ -446,17 +457,7 @@ func TestCrossNodeReceiverRestart(t *testing.T) {
 	const size = 256 << 20
 	ca := newTestCA(t, "peer-ca")
 	a := newPeerEnv(t, ca, "node-a", "")
-	vol := a.mustCreate(t, createReq("src", size, nil)).GetVolumeId()
-	img, err := qcow2.Open(a.d.store.imagePath(vol), qcow2.OpenOptions{Lock: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	chunk := bytes.Repeat([]byte{9}, 1<<20)
-	for off := int64(0); off < size; off += 2 << 20 {
-		img.WriteAt(chunk, off)
-	}
-	img.Close()
-	snap := snapshotOf(t, a, "snap", vol)
+	snap := bigSnapshot(t, a, size, 2<<20, 9)
 	cert, key, caFile := peerFiles(t, ca, "node-b")
 	dir := t.TempDir()
 	opts := DefaultOptions()
@@ -464,14 +465,7 @@ func TestCrossNodeReceiverRestart(t *testing.T) {
 	opts.PeerAddress, opts.PeerTLSCert, opts.PeerTLSKey, opts.PeerCA = "127.0.0.1:0", cert, key, caFile
 	opts.Peers = a.d.peerAddress().String()
 	start := func() (*Driver, func()) {
-		d, err := New(opts, newFakeMounter(), newFakeAttacher())
-		if err != nil {
-			t.Fatal(err)
-		}
-		l, err := d.Listen()
-		if err != nil {
-			t.Fatal(err)
-		}
+		d, l := newListeningDriver(t, opts)
 		ctx, cancel := context.WithCancel(context.Background())
 		served := make(chan error, 1)
 		go func() { served <- d.ServeOn(ctx, l) }()
@@ -505,6 +499,7 @@ func TestCrossNodeReceiverRestart(t *testing.T) {
 	}
 	b, stop = start()
 	defer stop()
+	var err error
 	deadline := time.Now().Add(time.Minute)
 	for {
 		_, err = b.CreateVolume(context.Background(), req)
