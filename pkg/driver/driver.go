@@ -48,7 +48,7 @@ type Driver struct {
 	peer   *peerService
 	copies *copies
 
-	mu           sync.Mutex // guards staged and metadataAddr; never held across I/O
+	mu           sync.Mutex // guards staged, metadataAddr and peerAddr; never held across I/O
 	staged       map[string]*stagedVolume
 	metadataAddr net.Addr // where the snapshot metadata TLS listener is bound
 	peerAddr     net.Addr // where the peer listener is bound
