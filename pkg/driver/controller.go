@@ -47,6 +47,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, newError(errExhausted, "accessibility requirements exclude node %s (%s)", d.opts.NodeID, d.opts.TopologyKey)
 	}
 	src, err := d.resolveSource(req.GetVolumeContentSource())
+	if errors.Is(err, errNotFound) && crossNodeRestore(req.GetParameters()) {
+		return d.createFromPeer(ctx, req, params)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -156,6 +159,7 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		return nil, err
 	}
 	defer unlock()
+	d.cancelCopy(id)
 	if err := d.deleteVolumeLocked(id); err != nil {
 		return nil, err
 	}

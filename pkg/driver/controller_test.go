@@ -30,7 +30,7 @@ func createReq(name string, size int64, params map[string]string) *csi.CreateVol
 		VolumeCapabilities: []*csi.VolumeCapability{rwo}}
 }
 
-func (e *testEnv) mustCreate(t *testing.T, req *csi.CreateVolumeRequest) *csi.Volume {
+func (e *testEnv) mustCreate(t testing.TB, req *csi.CreateVolumeRequest) *csi.Volume {
 	t.Helper()
 	resp, err := e.ctrl.CreateVolume(context.Background(), req)
 	if err != nil {

@@ -43,11 +43,16 @@ type Driver struct {
 	cluster ClusterObjects
 
 	// metadataTLS is set when the SnapshotMetadata service is on.
-	metadataTLS *metadataTLS
+	metadataTLS *tlsFiles
+	// peer is set when the peer service is on (peer.go); copies are the
+	// cross-node copies in flight (crossnode.go).
+	peer   *peerService
+	copies *copies
 
-	mu           sync.Mutex // guards staged and metadataAddr; never held across I/O
+	mu           sync.Mutex // guards staged, metadataAddr and peerAddr; never held across I/O
 	staged       map[string]*stagedVolume
 	metadataAddr net.Addr // where the snapshot metadata TLS listener is bound
+	peerAddr     net.Addr // where the peer listener is bound
 }
 
 // stagedVolume is a volume this process serves: its open image and the
@@ -84,11 +89,15 @@ func New(opts Options, m Mounter, a Attacher) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{
+	d := &Driver{
 		opts: opts, store: s, locks: newInflight(),
 		mounter: m, attacher: a, metadataTLS: mt,
-		staged: map[string]*stagedVolume{},
-	}, nil
+		staged: map[string]*stagedVolume{}, copies: newCopies(),
+	}
+	if d.peer, err = setupPeer(d); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 func (d *Driver) stagedVolume(id string) *stagedVolume {

@@ -26,6 +26,8 @@ var (
 	errBusy               = errors.New("an operation on this object is in progress")
 	errExhausted          = errors.New("resource exhausted")
 	errBadToken           = errors.New("invalid starting token")
+	errPermission         = errors.New("permission denied")
+	errUnavailable        = errors.New("unavailable")
 )
 
 // kindError carries a message and a kind; errors.Is(err, kind) holds.
@@ -67,6 +69,10 @@ func codeOf(err error) codes.Code {
 		return codes.OutOfRange
 	case errors.Is(err, errBusy), errors.Is(err, errBadToken), errors.Is(err, qcow2.ErrSnapshotInUse):
 		return codes.Aborted
+	case errors.Is(err, errPermission):
+		return codes.PermissionDenied
+	case errors.Is(err, errUnavailable):
+		return codes.Unavailable
 	case errors.Is(err, errExhausted), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return codes.ResourceExhausted
 	case errors.Is(err, context.DeadlineExceeded):

@@ -194,7 +194,7 @@ func newTestEnv(t *testing.T) *testEnv {
 }
 
 // newTestEnvWith is newTestEnv with options changed by set (may be nil).
-func newTestEnvWith(t *testing.T, set func(*Options)) *testEnv {
+func newTestEnvWith(t testing.TB, set func(*Options)) *testEnv {
 	t.Helper()
 	dir := t.TempDir()
 	opts := DefaultOptions()

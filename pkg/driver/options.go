@@ -109,6 +109,30 @@ type Options struct {
 	// failing start when a TLS file does not exist: for manifests that
 	// mount an optional Secret, so they run before the Secret is made.
 	SnapshotMetadataOptional bool
+	// PeerAddress, if set, serves the node-to-node peer service (peer.go)
+	// over mutual TLS on this host:port: other nodes' drivers restore and
+	// clone this node's snapshots and volumes through it. There is no
+	// plain-TCP form.
+	PeerAddress string
+	// PeerTLSCert and PeerTLSKey are this node's PEM certificate (chain)
+	// and key, presented both as the peer server and as a client of other
+	// nodes; PeerCA is the PEM CA bundle both sides must chain to. All
+	// three are required with PeerAddress and are reread when they change.
+	PeerTLSCert string
+	PeerTLSKey  string
+	PeerCA      string
+	// PeerServerName is the name a peer's server certificate must carry
+	// (a DNS SAN), whatever address it was dialled at.
+	PeerServerName string
+	// Peers are where the other nodes' peer services are: comma-separated
+	// host:port, each host resolved to all its addresses (a headless
+	// Service over the DaemonSet resolves to every node's pod).
+	Peers string
+	// PeerOptional leaves the peer service off, logged, instead of failing
+	// start when a TLS file does not exist (an optional Secret).
+	PeerOptional bool
+	// PeerGrantTTL is how long a grant to read a snapshot lasts.
+	PeerGrantTTL time.Duration
 	// OrphanCheck turns the orphan checker (orphans.go) on or off: auto
 	// runs it when the process is in a cluster (KUBERNETES_SERVICE_HOST
 	// is set), on requires it, off never runs it. It runs in modes with
@@ -150,6 +174,9 @@ func DefaultOptions() Options {
 		OrphanCheck:         OrphanCheckAuto,
 		OrphanCheckInterval: 10 * time.Minute,
 		OrphanGrace:         time.Hour,
+
+		PeerServerName: "csi-qcow2-peer",
+		PeerGrantTTL:   10 * time.Minute,
 	}
 }
 
@@ -183,6 +210,17 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"PEM CA bundle that snapshot metadata clients' certificates must chain to (clients without one are refused)")
 	fs.BoolVar(&o.SnapshotMetadataOptional, "snapshot-metadata-optional", o.SnapshotMetadataOptional,
 		"if a snapshot metadata TLS file does not exist, leave the service off (logged) instead of failing: for an optional Secret")
+	fs.StringVar(&o.PeerAddress, "peer-address", o.PeerAddress,
+		"serve the node-to-node peer service (cross-node restore and clone) over mutual TLS at ADDRESS, e.g. :7443 (default off; needs --peer-tls-cert, --peer-tls-key and --peer-ca)")
+	fs.StringVar(&o.PeerTLSCert, "peer-tls-cert", o.PeerTLSCert, "PEM certificate (chain) this node presents to peers, as server and as client")
+	fs.StringVar(&o.PeerTLSKey, "peer-tls-key", o.PeerTLSKey, "PEM private key of --peer-tls-cert")
+	fs.StringVar(&o.PeerCA, "peer-ca", o.PeerCA, "PEM CA bundle every peer's certificate must chain to")
+	fs.StringVar(&o.PeerServerName, "peer-server-name", o.PeerServerName, "DNS name a peer's server certificate must carry")
+	fs.StringVar(&o.Peers, "peers", o.Peers,
+		"comma-separated host:port of the other nodes' peer services; each host resolves to all its addresses, e.g. a headless Service over the DaemonSet")
+	fs.BoolVar(&o.PeerOptional, "peer-optional", o.PeerOptional,
+		"if a peer TLS file does not exist, leave the peer service off (logged) instead of failing: for an optional Secret")
+	fs.DurationVar(&o.PeerGrantTTL, "peer-grant-ttl", o.PeerGrantTTL, "how long a peer's grant to read a snapshot lasts")
 	fs.StringVar(&o.OrphanCheck, "orphan-check", o.OrphanCheck,
 		"report volumes and snapshots of the data dir that no PersistentVolume or VolumeSnapshotContent names (metric "+metricOrphans+" and a log line): auto (when in a cluster), on or off; needs the controller service and in-cluster credentials")
 	fs.DurationVar(&o.OrphanCheckInterval, "orphan-check-interval", o.OrphanCheckInterval, "time between orphan checks (the first is at start)")
@@ -230,6 +268,7 @@ func (o *Options) Validate() error {
 	errs = append(errs, o.validateRegistration()...)
 	errs = append(errs, o.validateSnapshotMetadata()...)
 	errs = append(errs, o.validateOrphans()...)
+	errs = append(errs, o.validatePeer()...)
 	return errors.Join(errs...)
 }
 
@@ -243,14 +282,54 @@ func (o *Options) validateSnapshotMetadata() []error {
 		}
 		return nil
 	}
+	return validateTLSListener("--snapshot-metadata-address", o.SnapshotMetadataAddress, ":50051", files,
+		"--snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca")
+}
+
+// validateTLSListener checks a mutual-TLS listener's address and that
+// all of its files are named.
+func validateTLSListener(flag, addr, example string, files []string, fileFlags string) []error {
 	var errs []error
-	if _, _, err := net.SplitHostPort(o.SnapshotMetadataAddress); err != nil {
-		errs = append(errs, fmt.Errorf("--snapshot-metadata-address %q: want HOST:PORT, e.g. :50051", o.SnapshotMetadataAddress))
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		errs = append(errs, fmt.Errorf("%s %q: want HOST:PORT, e.g. %s", flag, addr, example))
 	}
 	if slices.Contains(files, "") {
-		errs = append(errs, errors.New("--snapshot-metadata-address needs --snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-client-ca (mutual TLS; there is no plain TCP)"))
+		errs = append(errs, fmt.Errorf("%s needs %s (mutual TLS; there is no plain TCP)", flag, fileFlags))
 	}
 	return errs
+}
+
+// validatePeer checks that the peer flags come together; whether the
+// files exist and parse is judged at New.
+func (o *Options) validatePeer() []error {
+	files := []string{o.PeerTLSCert, o.PeerTLSKey, o.PeerCA}
+	if o.PeerAddress == "" {
+		if slices.ContainsFunc(files, func(f string) bool { return f != "" }) || o.PeerOptional || o.Peers != "" {
+			return []error{errors.New("--peer-tls-cert, -tls-key, --peer-ca, --peers or --peer-optional is set but --peer-address is not")}
+		}
+		return nil
+	}
+	errs := validateTLSListener("--peer-address", o.PeerAddress, ":7443", files, "--peer-tls-cert, --peer-tls-key and --peer-ca")
+	for _, p := range peerList(o.Peers) {
+		if _, _, err := net.SplitHostPort(p); err != nil {
+			errs = append(errs, fmt.Errorf("--peers: %q: want HOST:PORT", p))
+		}
+	}
+	if o.PeerServerName == "" || o.PeerGrantTTL <= 0 {
+		errs = append(errs, errors.New("--peer-server-name must be set and --peer-grant-ttl positive"))
+	}
+	return errs
+}
+
+// peerList splits --peers.
+func peerList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func (o *Options) validateOrphans() []error {

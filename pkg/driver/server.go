@@ -67,7 +67,11 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 		d.recoverStaged(ctx)
 		d.releaseLeftovers(ctx)
 	}
+	d.removeCopyLeftovers()
+	d.copies.start(ctx)
+	defer d.copies.wait()
 	m := newMetrics(d.store)
+	m.reg.MustRegister(&copyCollector{d.copies})
 	if d.opts.MetricsAddress != "" {
 		if err := m.serve(ctx, d.opts.MetricsAddress); err != nil {
 			return fmt.Errorf("metrics: %w", err)
@@ -82,6 +86,10 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	metadataDone, err := d.startSnapshotMetadata(ctx)
 	if err != nil {
 		return fmt.Errorf("snapshot metadata: %w", err)
+	}
+	peerDone, err := d.startPeer(ctx)
+	if err != nil {
+		return fmt.Errorf("peer service: %w", err)
 	}
 	registered, err := d.startRegistration(ctx)
 	if err != nil {
@@ -102,6 +110,7 @@ func (d *Driver) ServeOn(ctx context.Context, l net.Listener) error {
 	cancel()
 	<-registered
 	<-metadataDone
+	<-peerDone
 	<-checked
 	d.flushStaged()
 	if errors.Is(err, grpc.ErrServerStopped) {

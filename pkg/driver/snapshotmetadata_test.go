@@ -37,7 +37,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key := mustKey(t)
 	tmpl := &x509.Certificate{
@@ -56,7 +56,7 @@ func newTestCA(t *testing.T, name string) *testCA {
 	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
 }
 
-func mustKey(t *testing.T) *ecdsa.PrivateKey {
+func mustKey(t testing.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -79,6 +79,12 @@ func (ca *testCA) issue(t *testing.T, name string, server bool) (certPEM, keyPEM
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
 	}
+	return ca.sign(t, tmpl, key)
+}
+
+// sign returns tmpl signed by the CA and key, both PEM.
+func (ca *testCA) sign(t testing.TB, tmpl *x509.Certificate, key *ecdsa.PrivateKey) (certPEM, keyPEM []byte) {
+	t.Helper()
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +172,7 @@ func (e *metadataEnv) snapshot(t *testing.T, name, vol string) string {
 	return mustSnapshot(t, e.testEnv, name, vol)
 }
 
-func mustSnapshot(t *testing.T, e *testEnv, name, vol string) string {
+func mustSnapshot(t testing.TB, e *testEnv, name, vol string) string {
 	t.Helper()
 	r, err := e.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
 	if err != nil {

@@ -23,6 +23,9 @@ const (
 	paramFSType        = "csi.storage.k8s.io/fstype"
 	paramClusterSize   = "clusterSize"
 	paramLazyRefcounts = "lazyRefcounts"
+	// paramCrossNodeRestore=true lets a volume be restored or cloned from
+	// a source on another node, copied over the network (crossnode.go).
+	paramCrossNodeRestore = "crossNodeRestore"
 	// sidecarPrefix: keys the external-provisioner and -snapshotter add
 	// (pvc/name, pvc/namespace, pv/name, volumesnapshot/name, ...).
 	sidecarPrefix = "csi.storage.k8s.io/"
@@ -66,6 +69,10 @@ func parseCreateParams(params map[string]string) (createParams, error) {
 				return p, newError(errInvalid, "parameter %s=%q: want true or false", k, v)
 			}
 			p.LazyRefcounts = b
+		case k == paramCrossNodeRestore:
+			if _, err := strconv.ParseBool(v); err != nil {
+				return p, newError(errInvalid, "parameter %s=%q: want true or false", k, v)
+			}
 		case strings.HasPrefix(k, sidecarPrefix):
 		default:
 			unknown = append(unknown, k)
@@ -73,8 +80,8 @@ func parseCreateParams(params map[string]string) (createParams, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return p, newError(errInvalid, "unknown parameters: %s (known: %s, %s, %s)",
-			strings.Join(unknown, ", "), paramFSType, paramClusterSize, paramLazyRefcounts)
+		return p, newError(errInvalid, "unknown parameters: %s (known: %s, %s, %s, %s)",
+			strings.Join(unknown, ", "), paramFSType, paramClusterSize, paramLazyRefcounts, paramCrossNodeRestore)
 	}
 	if err := validateFSType(p.FSType); err != nil {
 		return p, err
