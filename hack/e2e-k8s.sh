@@ -28,9 +28,6 @@ t0=$SECONDS
 base=${E2E_PORT_BASE:-23790}
 etcd_port=$base etcd_peer=$((base + 1)) api_port=$((base + 2))
 node=e2e-node
-driver_name=qcow2.csi-qcow2.io
-topo_key=topology.qcow2.csi-qcow2.io/node
-ns=csi-qcow2
 
 step() { echo; echo "=== [$((SECONDS - t0))s] $*"; }
 say() { echo "    $*"; }
@@ -49,6 +46,8 @@ mkdir -p "$data" "$logs"
 
 # shellcheck source=hack/lib/cluster.sh
 . hack/lib/cluster.sh
+# shellcheck source=hack/lib/csi.sh
+. hack/lib/csi.sh
 on_exit() { cluster_finish e2e-k8s $?; }
 trap on_exit EXIT
 
@@ -66,78 +65,30 @@ cluster_etcd "$etcd_port" "$etcd_peer"
 cluster_apiserver "$api_port"
 # One kubeconfig per identity: the admin (kubectl, the controller-manager)
 # and, impersonated, the service accounts deploy/kubernetes defines.
-kubeconfig "$work/node.kubeconfig" "system:serviceaccount:$ns:csi-qcow2-node"
+csi_kubeconfigs
 kubeconfig "$work/resizer.kubeconfig" "system:serviceaccount:$ns:csi-qcow2-resizer"
-kubeconfig "$work/snapctl.kubeconfig" "system:serviceaccount:kube-system:snapshot-controller"
 say "$(kubectl version | tr '\n' ' ')"
 cluster_controller_manager \
 	--controllers persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
 
 step "VolumeSnapshot CRDs (client/v8@$SNAPSHOTTER_VERSION config/crd)"
-crds=$cache/src/external-snapshotter-$SNAPSHOTTER_VERSION/client/config/crd
-[ -d "$crds" ] || fail "no CRDs at $crds"
-for f in "$crds"/*snapshot.storage.k8s.io_*.yaml; do
-	kubectl apply --server-side -f "$f" | sed 's/^/    /'
-done
-kubectl wait --for condition=established --timeout 60s crd/volumesnapshots.snapshot.storage.k8s.io \
-	crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io \
-	crd/volumegroupsnapshots.groupsnapshot.storage.k8s.io crd/volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io \
-	crd/volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io >/dev/null
+csi_crds
 
-step "deploy/kubernetes: kubectl kustomize, then server-side dry run"
-for k in deploy/kubernetes deploy/kubernetes/snapshot-controller; do
-	kubectl kustomize "$k" >"$work/$(basename "$k").yaml"
-	say "$k renders $(grep -c '^kind:' "$work/$(basename "$k").yaml") objects: $(grep '^kind:' "$work/$(basename "$k").yaml" | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s, ", $1, $2}')"
-done
-# The namespaced objects' dry run needs their namespace to exist.
-kubectl apply -f deploy/kubernetes/namespace.yaml | sed 's/^/    /'
-kubectl apply --dry-run=server -k deploy/kubernetes | sed 's/^/    /'
-kubectl apply --dry-run=server -k deploy/kubernetes/snapshot-controller | sed 's/^/    /'
-
-step "apply them for real (nothing runs their pods: there is no kubelet or scheduler)"
-kubectl apply -k deploy/kubernetes | sed 's/^/    /'
-kubectl apply -k deploy/kubernetes/snapshot-controller | sed 's/^/    /'
+step "deploy/kubernetes: kubectl kustomize, server-side dry run, then apply"
+csi_deploy
 say "StorageClass: $(kubectl get storageclass csi-qcow2 -o jsonpath='{.provisioner} {.volumeBindingMode} allowVolumeExpansion={.allowVolumeExpansion} {.parameters}')"
 say "VolumeSnapshotClass: $(kubectl get volumesnapshotclass csi-qcow2 -o jsonpath='{.driver} {.deletionPolicy}')"
 
 step "the node, as kubelet and node-driver-registrar would register it"
-kubectl apply -f - <<EOF | sed 's/^/    /'
-apiVersion: v1
-kind: Node
-metadata:
-  name: $node
-  labels:
-    kubernetes.io/hostname: $node
-    kubernetes.io/os: linux
-    $topo_key: $node
----
-apiVersion: storage.k8s.io/v1
-kind: CSINode
-metadata:
-  name: $node
-spec:
-  drivers:
-    - name: $driver_name
-      nodeID: $node
-      topologyKeys: [$topo_key]
-EOF
+csi_node "$node"
 
 step "start the driver and the sidecars (as deploy/kubernetes configures them)"
 sock=$work/csi/csi.sock
 start csi-qcow2 "$work/csi-qcow2" --endpoint "unix://$sock" --node-id "$node" --data-dir "$data" \
 	--max-volumes 16 --metrics-address "127.0.0.1:0"
 wait_for 20 "the driver's socket" test -S "$sock"
-start csi-provisioner env NODE_NAME=$node NAMESPACE=$ns "$bin/csi-provisioner-$PROVISIONER_VERSION" \
-	--kubeconfig "$work/node.kubeconfig" --csi-address "$sock" \
-	--node-deployment=true --leader-election=false --feature-gates=Topology=true \
-	--strict-topology=true --immediate-topology=false --extra-create-metadata=true --default-fstype=ext4 \
-	--enable-capacity=true --capacity-ownerref-level=-1 --capacity-poll-interval=10s --v=3
-start csi-snapshotter env NODE_NAME=$node "$bin/csi-snapshotter-$SNAPSHOTTER_VERSION" \
-	--kubeconfig "$work/node.kubeconfig" --csi-address "$sock" \
-	--node-deployment=true --leader-election=false --v=3
-start snapshot-controller "$bin/snapshot-controller-$SNAPSHOTTER_VERSION" \
-	--kubeconfig "$work/snapctl.kubeconfig" --leader-election=false \
-	--enable-distributed-snapshotting=true --v=3
+csi_sidecars "$node" "$sock"
+csi_snapshot_controller
 # As resizer.yaml: the resizer talks to a driver of its own with an empty
 # data dir, not to the node's.
 rsock=$work/resizer-csi/csi.sock
@@ -146,32 +97,6 @@ start csi-qcow2-for-resizer "$work/csi-qcow2" --endpoint "unix://$rsock" \
 wait_for 20 "the resizer's driver socket" test -S "$rsock"
 start csi-resizer "$bin/csi-resizer-$RESIZER_VERSION" \
 	--kubeconfig "$work/resizer.kubeconfig" --csi-address "$rsock" --leader-election=false --v=3
-
-pvc() { # pvc NAME SIZE [DATASOURCE-YAML]
-	kubectl apply -f - <<-EOF
-		apiVersion: v1
-		kind: PersistentVolumeClaim
-		metadata:
-		  name: $1
-		  namespace: default
-		  annotations:
-		    volume.kubernetes.io/selected-node: $node
-		spec:
-		  storageClassName: csi-qcow2
-		  accessModes: [ReadWriteOnce]
-		  resources:
-		    requests:
-		      storage: $2
-		${3:-}
-	EOF
-}
-image_of() { # image_of PVC: the qcow2 file behind it
-	local pv h
-	pv=$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')
-	h=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
-	echo "$data/volumes/$h.qcow2"
-}
-bound() { kubectl wait --for=jsonpath='{.status.phase}'=Bound --timeout="${2:-120}s" pvc/"$1" >/dev/null; }
 
 step "PVC data (1Gi, selected-node $node) -> bound PV and a qcow2 file"
 pvc data 1Gi | sed 's/^/    /'
