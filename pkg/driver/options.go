@@ -2,6 +2,7 @@ package driver
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/url"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/klog/v2"
 )
 
 // DefaultDriverName is the one name the driver is known by: GetPluginInfo
@@ -228,6 +230,14 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"a volume or snapshot created less than this long ago is never an orphan (a CreateVolume in flight has no PV yet)")
 	fs.DurationVar(&o.DeleteOrphansAfter, "delete-orphans-after", o.DeleteOrphansAfter,
 		"delete, through DeleteVolume and DeleteSnapshot, what every orphan check for this long found orphaned; staged volumes never (default 0: never delete, only report)")
+	// klog's verbosity, process-wide: without it the V(n) lines (a
+	// cross-node copy's start and end, peer grants, ...) could never be
+	// turned on.
+	kfs := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(kfs)
+	v := kfs.Lookup("v")
+	v.Usage = "log verbosity: 2 adds cross-node copies' start and end, peer grants and refusals; 4 debugging detail"
+	fs.AddGoFlag(v)
 }
 
 // Validate checks the options and cleans DataDir.

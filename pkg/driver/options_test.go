@@ -4,6 +4,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spf13/pflag"
+	"k8s.io/klog/v2"
 )
 
 func TestOptionsValidateNBD(t *testing.T) {
@@ -75,5 +78,27 @@ func runValidateCases(t *testing.T, tests []validateCase) {
 				t.Errorf("Validate = %v, want %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+// --v sets klog's verbosity: the V(2) lines (a cross-node copy's start and
+// end, peer grants) were unreachable before the flag existed.
+func TestFlagVerbosity(t *testing.T) {
+	for _, args := range [][]string{{"--v=2"}, {"-v", "2"}} {
+		fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+		o := DefaultOptions()
+		o.AddFlags(fs)
+		if klog.V(2).Enabled() {
+			t.Fatal("V(2) enabled before --v")
+		}
+		if err := fs.Parse(args); err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		if !klog.V(2).Enabled() || klog.V(3).Enabled() {
+			t.Errorf("%v: V(2) %v, V(3) %v; want true, false", args, klog.V(2).Enabled(), klog.V(3).Enabled())
+		}
+		if err := fs.Set("v", "0"); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
