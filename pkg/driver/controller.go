@@ -47,8 +47,13 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, newError(errExhausted, "accessibility requirements exclude node %s (%s)", d.opts.NodeID, d.opts.TopologyKey)
 	}
 	src, err := d.resolveSource(req.GetVolumeContentSource())
-	if errors.Is(err, errNotFound) && crossNodeRestore(req.GetParameters()) {
-		return d.createFromPeer(ctx, req, params)
+	if errors.Is(err, errNotFound) {
+		if crossNodeRestore(req.GetParameters()) {
+			return d.createFromPeer(ctx, req, params)
+		}
+		// Say what would find it elsewhere: a restore on another node than
+		// the snapshot's is the likely cause, and the fix is in the class.
+		err = newError(errNotFound, "%v; a source on another node is copied here only with the StorageClass parameter %s: \"true\"", err, paramCrossNodeRestore)
 	}
 	if err != nil {
 		return nil, err

@@ -217,8 +217,13 @@ func TestCrossNodeNeedsParameter(t *testing.T) {
 	n := newTwoNodes(t, peerVolSize, writePattern(t))
 	r := restoreReq("plain", n.snap, peerVolSize)
 	delete(r.Parameters, "crossNodeRestore")
-	if _, err := n.b.ctrl.CreateVolume(context.Background(), r); status.Code(err) != codes.NotFound {
+	_, err := n.b.ctrl.CreateVolume(context.Background(), r)
+	if status.Code(err) != codes.NotFound {
 		t.Errorf("restore of another node's snapshot without crossNodeRestore = %v; want NotFound", err)
+	}
+	// The message names the node and the parameter that would copy it.
+	if msg := status.Convert(err).Message(); !strings.Contains(msg, "does not exist on node") || !strings.Contains(msg, `crossNodeRestore: "true"`) {
+		t.Errorf("NotFound message %q names neither the node nor crossNodeRestore", msg)
 	}
 	r = restoreReq("nowhere", snapshotIDFor("nowhere"), peerVolSize)
 	if _, err := n.b.ctrl.CreateVolume(context.Background(), r); status.Code(err) != codes.NotFound {
