@@ -18,9 +18,10 @@ run: build
 # Everything: unit and interop tests (QEMU is the oracle, so CI=true makes
 # missing tools a failure), every fuzz target for a few seconds, then the
 # tests that need a real /dev/nbdX, in a qemu guest, then deploy/kubernetes
-# against a real control plane, on a real kubelet, and a few specs of
-# Kubernetes' storage e2e suite.
-test: deps vet unit fuzz kill-rounds guest e2e-k8s e2e-pods e2e-storage-ci
+# against a real control plane (one node, then two for cross-node restore
+# and clone), on a real kubelet, and a few specs of Kubernetes' storage e2e
+# suite.
+test: deps vet unit fuzz kill-rounds guest e2e-k8s e2e-xnode e2e-pods e2e-storage-ci
 
 deps:
 	hack/install-deps.sh
@@ -70,6 +71,15 @@ bench-driver:
 .PHONY: e2e-k8s
 e2e-k8s:
 	hack/e2e-k8s.sh
+
+# Cross-node restore and clone on that control plane with two Node objects:
+# two drivers with their peer service (mutual TLS on loopback) and per-node
+# sidecars; a snapshot and a volume on node-a restored and cloned onto
+# node-b through a crossNodeRestore StorageClass (hack/e2e-xnode.sh, ~25 s
+# once cached).
+.PHONY: e2e-xnode
+e2e-xnode:
+	hack/e2e-xnode.sh
 
 # deploy/kubernetes on a real kubelet: a node guest (qemu TCG, /dev/nbdX)
 # with containerd and kubelet joined to a control plane on loopback; the
