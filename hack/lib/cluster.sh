@@ -113,11 +113,11 @@ cluster_etcd() {
 cluster_apiserver() {
 	local port=$1
 	shift
-	local c=$work/certs ns=()
+	local c=$work/certs wrap=()
 	if [ -n "${CLUSTER_HOSTS:-}" ]; then
-		ns=(unshare -m --propagation private sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$CLUSTER_HOSTS")
+		wrap=(unshare -m --propagation private sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$CLUSTER_HOSTS")
 	fi
-	start kube-apiserver "${ns[@]}" "$bin/kube-apiserver-$K8S_VERSION" \
+	start kube-apiserver "${wrap[@]}" "$bin/kube-apiserver-$K8S_VERSION" \
 		--etcd-servers "http://127.0.0.1:$cluster_etcd_port" \
 		--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$port" \
 		--endpoint-reconciler-type none --cert-dir "$c" \
