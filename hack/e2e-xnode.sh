@@ -139,7 +139,7 @@ pv_node() { # the node of PVC $1's PV's nodeAffinity
 }
 handle_of() { kubectl get pv "$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
 
-step "PVC src (256Mi, selected-node node-a) -> Bound on node-a; 64 MiB of data with holes; VolumeSnapshot snap; then src changed"
+step "PVC src (256Mi, selected-node node-a) -> Bound on node-a; 47 MiB of data with holes in its first 64 MiB; VolumeSnapshot snap; then src changed"
 node=node-a pvc src 256Mi | sed 's/^/    /'
 bound src || fail "pvc/src not bound"
 [ "$(pv_node src)" = node-a ] || fail "pvc/src's PV is on $(pv_node src), not node-a"
