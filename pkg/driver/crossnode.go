@@ -22,6 +22,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-qcow2/csi-qcow2/pkg/qcow2"
@@ -220,6 +221,11 @@ func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantReques
 		return err
 	}
 	defer dst.Close()
+	wb, err := newWriteBehind(tmp, dst)
+	if err != nil {
+		return err
+	}
+	defer wb.Close()
 	body, err := d.peerRead(ctx, cc.peer, gr, g.Token)
 	if err != nil {
 		return err
@@ -228,7 +234,7 @@ func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantReques
 	stop := make(chan struct{})
 	defer close(stop)
 	go cc.logProgress(stop)
-	if err := readFrames(body, dst, g.SizeBytes, &cc.copied); err != nil {
+	if err := readFrames(body, wb, g.SizeBytes, &cc.copied); err != nil {
 		return fmt.Errorf("copy from peer %s: %w", cc.peer, err)
 	}
 	if err := dst.Flush(); err != nil {
@@ -236,6 +242,42 @@ func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantReques
 	}
 	return dst.Close()
 }
+
+// writeBehind is the new image of a copy, with its data pushed out of the
+// page cache as the copy goes: every writeBehindBytes it asks the kernel
+// (POSIX_FADV_DONTNEED on a second descriptor of the file) to start
+// writing the dirty pages back and to drop the ones already written. The
+// copy of a large volume then neither evicts the node's other cached data
+// nor leaves all its data for the fsync at the end to write, and it keeps
+// reusing a few MiB of page cache instead of touching fresh memory. It is
+// advice only: an error is ignored, and durability is the Flush (fsync)
+// before the rename, as without it (runCopy).
+type writeBehind struct {
+	io.WriterAt
+	f     *os.File
+	since int64
+}
+
+const writeBehindBytes = 32 << 20
+
+func newWriteBehind(path string, w io.WriterAt) (*writeBehind, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	return &writeBehind{WriterAt: w, f: f}, nil
+}
+
+func (w *writeBehind) WriteAt(p []byte, off int64) (int, error) {
+	n, err := w.WriterAt.WriteAt(p, off)
+	if w.since += int64(n); w.since >= writeBehindBytes {
+		w.since = 0
+		_ = unix.Fadvise(int(w.f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	}
+	return n, err
+}
+
+func (w *writeBehind) Close() error { return w.f.Close() }
 
 func (cc *crossCopy) logProgress(stop <-chan struct{}) {
 	t := time.NewTicker(copyLogInterval)
@@ -255,36 +297,19 @@ var errBadStream = errors.New("peer stream")
 
 // readFrames writes writeFrames' data runs into dst and checks the end
 // frame: the size granted and the CRC-32C of all the frames. copied counts
-// the data bytes written.
+// the data bytes written. The network is read here, dst written by the
+// pipe's goroutine.
 func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) error {
 	h := crc32.New(castagnoli)
-	tr := io.TeeReader(r, h)
-	var hdr [16]byte
-	var buf []byte // grown to the largest frame, at most peerMaxFrame
-	for {
-		if _, err := io.ReadFull(tr, hdr[:]); err != nil {
-			return fmt.Errorf("%w: frame header: %v", errBadStream, err)
-		}
-		off, n := binary.BigEndian.Uint64(hdr[:8]), binary.BigEndian.Uint64(hdr[8:])
-		if n == peerFrameEnd {
-			if off != uint64(size) {
-				return fmt.Errorf("%w: size %d, granted %d", errBadStream, off, size)
-			}
-			break
-		}
-		if n == 0 || n > peerMaxFrame || off > uint64(size) || n > uint64(size)-off {
-			return fmt.Errorf("%w: frame [%d, +%d) empty, over %d bytes or outside the %d granted", errBadStream, off, n, peerMaxFrame, size)
-		}
-		if int(n) > len(buf) {
-			buf = make([]byte, n)
-		}
-		if _, err := io.ReadFull(tr, buf[:n]); err != nil {
-			return fmt.Errorf("%w: data at %d: %v", errBadStream, off, err)
-		}
-		if _, err := dst.WriteAt(buf[:n], int64(off)); err != nil {
+	p := startPipe(peerMaxFrame, func(off int64, b []byte) error {
+		if _, err := dst.WriteAt(b, off); err != nil {
 			return fmt.Errorf("write at %d: %w", off, err)
 		}
-		copied.Add(int64(n))
+		copied.Add(int64(len(b)))
+		return nil
+	})
+	if err := p.finish(readDataFrames(io.TeeReader(r, h), p, size)); err != nil {
+		return err
 	}
 	want := h.Sum(nil)
 	var got [crc32.Size]byte
@@ -297,7 +322,35 @@ func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) 
 	return nil
 }
 
-// peerClient is an HTTP/2 client with the peer TLS files as they are now.
+// readDataFrames sends the data frames up to the end frame into p.
+func readDataFrames(r io.Reader, p *copyPipe, size int64) error {
+	var hdr [16]byte
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return fmt.Errorf("%w: frame header: %v", errBadStream, err)
+		}
+		off, n := binary.BigEndian.Uint64(hdr[:8]), binary.BigEndian.Uint64(hdr[8:])
+		if n == peerFrameEnd {
+			if off != uint64(size) {
+				return fmt.Errorf("%w: size %d, granted %d", errBadStream, off, size)
+			}
+			return nil
+		}
+		if n == 0 || n > peerMaxFrame || off > uint64(size) || n > uint64(size)-off {
+			return fmt.Errorf("%w: frame [%d, +%d) empty, over %d bytes or outside the %d granted", errBadStream, off, n, peerMaxFrame, size)
+		}
+		buf := p.buffer()
+		if buf == nil {
+			return errPipeStopped
+		}
+		if _, err := io.ReadFull(r, buf[:n]); err != nil {
+			return fmt.Errorf("%w: data at %d: %v", errBadStream, off, err)
+		}
+		p.send(int64(off), buf[:n])
+	}
+}
+
+// peerClient is an HTTP/1.1 client (peerProtocols) with the peer TLS files as they are now.
 func (d *Driver) peerClient() (*http.Client, error) {
 	if d.peer == nil {
 		return nil, newError(errFailedPrecondition, "crossNodeRestore: the peer service is off on node %s (--peer-address)", d.opts.NodeID)
@@ -306,8 +359,8 @@ func (d *Driver) peerClient() (*http.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	tr := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true, TLSHandshakeTimeout: 10 * time.Second,
-		HTTP2: &http.HTTP2Config{MaxReadFrameSize: 1 << 20, MaxReceiveBufferPerStream: 16 << 20, MaxReceiveBufferPerConnection: 32 << 20}}
+	tr := &http.Transport{TLSClientConfig: cfg, TLSHandshakeTimeout: 10 * time.Second, Protocols: peerProtocols(),
+		ReadBufferSize: 256 << 10}
 	return &http.Client{Transport: tr}, nil
 }
 

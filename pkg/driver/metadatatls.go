@@ -23,7 +23,7 @@ import (
 // newMetadataTLS loads the snapshot metadata TLS files of opts
 // (tlsfiles.go). A file that does not exist wraps fs.ErrNotExist.
 func newMetadataTLS(opts Options) (*tlsFiles, error) {
-	return newTLSFiles("snapshot metadata", opts.SnapshotMetadataTLSCert, opts.SnapshotMetadataTLSKey, opts.SnapshotMetadataClientCA)
+	return newTLSFiles("snapshot metadata", opts.SnapshotMetadataTLSCert, opts.SnapshotMetadataTLSKey, opts.SnapshotMetadataClientCA, "h2")
 }
 
 // setupSnapshotMetadata decides at New whether the service is on.

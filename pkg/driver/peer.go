@@ -26,7 +26,7 @@ import (
 
 // The peer service: how a driver on another node restores or clones this
 // node's snapshots and volumes (crossnode.go is the other side). It is
-// HTTP/2 over mutual TLS on --peer-address, with no plain-TCP form: the
+// HTTP/1.1 over mutual TLS on --peer-address, with no plain-TCP form: the
 // server presents --peer-tls-cert and refuses any client whose
 // certificate does not chain to --peer-ca; clients present the same files.
 //
@@ -97,7 +97,7 @@ func setupPeer(d *Driver) (*peerService, error) {
 	if o.PeerAddress == "" {
 		return nil, nil
 	}
-	t, err := newTLSFiles("peer", o.PeerTLSCert, o.PeerTLSKey, o.PeerCA)
+	t, err := newTLSFiles("peer", o.PeerTLSCert, o.PeerTLSKey, o.PeerCA, "http/1.1")
 	if errors.Is(err, fs.ErrNotExist) && o.PeerOptional {
 		klog.InfoS("Peer service off: a TLS file does not exist (--peer-optional)", "err", err.Error())
 		return nil, nil
@@ -129,7 +129,7 @@ func (d *Driver) startPeer(ctx context.Context) (<-chan struct{}, error) {
 	mux.HandleFunc("POST "+peerGrantPath, p.handleGrant)
 	mux.HandleFunc("GET "+peerReadPath, p.handleRead)
 	srv := &http.Server{Handler: mux, TLSConfig: p.tls.serverConfig(), ReadHeaderTimeout: 10 * time.Second,
-		HTTP2: &http.HTTP2Config{MaxReadFrameSize: 1 << 20}}
+		Protocols: peerProtocols()}
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -147,6 +147,17 @@ func (d *Driver) startPeer(ctx context.Context) (<-chan struct{}, error) {
 		}
 	}()
 	return done, nil
+}
+
+// peerProtocols is HTTP/1.1 alone, for the server and the client. A copy
+// is one long stream on a connection of its own, and Go's HTTP/2 moved
+// it at half the speed of HTTP/1.1 over the same TLS (530 against 1,150-
+// 1,340 MB/s on loopback, 2 cores, 2026-12-03): its frames go through
+// the connection's single writer goroutine and flow-control windows.
+func peerProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	return &p
 }
 
 // peerAddress is where the peer listener is bound (nil before).
@@ -407,8 +418,9 @@ func (p *peerService) handleRead(w http.ResponseWriter, r *http.Request) {
 		peerError(w, err)
 		return
 	}
-	// The status is sent: reset the stream, so the reader sees an error
-	// and not a short copy.
+	// The status is sent: drop the connection without the chunked body's
+	// end, so the reader sees an error (unexpected EOF) and not a short
+	// copy; the missing end frame and checksum would tell it too.
 	klog.ErrorS(err, "Peer read failed", "peer", g.identity, "snapshot", g.snapshot)
 	panic(http.ErrAbortHandler)
 }
@@ -425,7 +437,24 @@ func (p *peerService) handleRead(w http.ResponseWriter, r *http.Request) {
 func writeFrames(ctx context.Context, w io.Writer, src *qcow2.SnapshotView, size int64) error {
 	h := crc32.New(castagnoli)
 	bw := bufio.NewWriterSize(io.MultiWriter(w, h), 1<<20)
-	buf := make([]byte, peerMaxFrame)
+	// The image is read here, framed and written by the pipe's goroutine.
+	p := startPipe(peerMaxFrame, func(off int64, b []byte) error { return writeDataRuns(bw, b, off) })
+	if err := p.finish(readExtents(ctx, src, size, p)); err != nil {
+		return err
+	}
+	if err := writeFrameHeader(bw, uint64(size), peerFrameEnd); err != nil {
+		return err
+	}
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	_, err := w.Write(h.Sum(nil))
+	return err
+}
+
+// readExtents sends what src's allocation map does not show as zeros
+// into p, a buffer at a time.
+func readExtents(ctx context.Context, src *qcow2.SnapshotView, size int64, p *copyPipe) error {
 	for off := int64(0); off < size; {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -440,39 +469,34 @@ func writeFrames(ctx context.Context, w io.Writer, src *qcow2.SnapshotView, size
 			return fmt.Errorf("no extent at %d", off)
 		}
 		for _, e := range ext {
-			if err := sendExtent(bw, src, e, buf); err != nil {
+			if err := sendExtent(src, e, p); err != nil {
 				return err
 			}
 			off = e.Start + e.Length
 		}
 	}
-	if err := writeFrameHeader(bw, uint64(size), peerFrameEnd); err != nil {
-		return err
-	}
-	if err := bw.Flush(); err != nil {
-		return err
-	}
-	_, err := w.Write(h.Sum(nil))
-	return err
+	return nil
 }
 
-// extentWindow is how much of the allocation map writeFrames asks for at
+// extentWindow is how much of the allocation map readExtents asks for at
 // a time.
 const extentWindow = 1 << 30
 
-// sendExtent frames the data of one extent, read len(buf) at a time.
-func sendExtent(w io.Writer, src io.ReaderAt, e qcow2.Extent, buf []byte) error {
+// sendExtent reads the data of one extent into p's buffers.
+func sendExtent(src io.ReaderAt, e qcow2.Extent, p *copyPipe) error {
 	if e.Zero {
 		return nil
 	}
 	for off, end := e.Start, e.Start+e.Length; off < end; {
+		buf := p.buffer()
+		if buf == nil {
+			return errPipeStopped
+		}
 		n := min(end-off, int64(len(buf)))
 		if _, err := src.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("read at %d: %w", off, err)
 		}
-		if err := writeDataRuns(w, buf[:n], off); err != nil {
-			return err
-		}
+		p.send(off, buf[:n])
 		off += n
 	}
 	return nil

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -19,8 +20,12 @@ import (
 // holding 1 GiB of data (1 MiB of random bytes every 4 MiB, 64 KiB
 // clusters) between two drivers on loopback, mutual TLS and all, against
 // a sequential read (1 MiB reads) of the source image file, timed in the
-// same iteration right before it: the file is in the page cache for both.
-// It reports both speeds in MB/s of data and their ratio (copy/read).
+// same iteration right before it. Both start with the source file out of
+// the page cache (POSIX_FADV_DONTNEED), as a snapshot on another node
+// mostly is: the read is the file's read speed from its disk, the copy
+// reads it from there too. The same read from the page cache is reported
+// beside them (hot-read-MB/s). Speeds are in MB/s of data; copy/read is
+// the ratio the goal (0.8) is about.
 //
 //	go test -run '^$' -bench BenchmarkCrossNodeCopy -benchtime 3x ./pkg/driver/
 func BenchmarkCrossNodeCopy(b *testing.B) {
@@ -49,12 +54,17 @@ func BenchmarkCrossNodeCopy(b *testing.B) {
 	}
 	snap := mustSnapshot(b, a, "snap", vol)
 	const data = size / every * run
-	var readTime, copyTime time.Duration
+	var readTime, hotTime, copyTime time.Duration
 	i := 0
 	for b.Loop() {
+		dropCache(b, path)
 		start := time.Now()
 		readFile(b, path)
 		readTime += time.Since(start)
+		start = time.Now()
+		readFile(b, path)
+		hotTime += time.Since(start)
+		dropCache(b, path)
 		start = time.Now()
 		id := copyOnce(b, n, restoreReq("r", snap, size))
 		copyTime += time.Since(start)
@@ -67,10 +77,26 @@ func BenchmarkCrossNodeCopy(b *testing.B) {
 	}
 	mbps := func(d time.Duration) float64 { return float64(data*i) / 1e6 / d.Seconds() }
 	b.ReportMetric(mbps(readTime), "read-MB/s")
+	b.ReportMetric(mbps(hotTime), "hot-read-MB/s")
 	b.ReportMetric(mbps(copyTime), "copy-MB/s")
 	b.ReportMetric(readTime.Seconds()/copyTime.Seconds(), "copy/read")
-	b.Logf("sequential read of the source file %.0f MB/s, cross-node copy %.0f MB/s of data: ratio %.2f",
-		mbps(readTime), mbps(copyTime), readTime.Seconds()/copyTime.Seconds())
+	b.Logf("sequential read of the source file %.0f MB/s from disk (%.0f MB/s from the page cache), cross-node copy %.0f MB/s of data: ratio %.2f",
+		mbps(readTime), mbps(hotTime), mbps(copyTime), readTime.Seconds()/copyTime.Seconds())
+}
+
+// dropCache writes path's dirty pages and drops its cached ones.
+func dropCache(b *testing.B, path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		b.Fatal(err)
+	}
 }
 
 func readFile(b *testing.B, path string) {

@@ -19,16 +19,17 @@ import (
 type tlsFiles struct {
 	what                      string // for messages: "snapshot metadata", "peer"
 	certFile, keyFile, caFile string
+	protos                    []string // ALPN: "h2" for gRPC, "http/1.1" for the peer stream
 
 	mu    sync.Mutex
 	stamp string // what the files looked like when cfg was made
 	cfg   *tls.Config
 }
 
-// newTLSFiles loads the files. A file that does not exist wraps
-// fs.ErrNotExist.
-func newTLSFiles(what, cert, key, ca string) (*tlsFiles, error) {
-	m := &tlsFiles{what: what, certFile: cert, keyFile: key, caFile: ca}
+// newTLSFiles loads the files; protos is what ALPN offers. A file that
+// does not exist wraps fs.ErrNotExist.
+func newTLSFiles(what, cert, key, ca string, protos ...string) (*tlsFiles, error) {
+	m := &tlsFiles{what: what, certFile: cert, keyFile: key, caFile: ca, protos: protos}
 	if _, err := m.config(); err != nil {
 		return nil, err
 	}
@@ -90,7 +91,7 @@ func (m *tlsFiles) load() (*tls.Config, error) {
 		ClientCAs:    pool,
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		MinVersion:   tls.VersionTLS12,
-		NextProtos:   []string{"h2"},
+		NextProtos:   m.protos,
 	}, nil
 }
 
@@ -118,6 +119,6 @@ func (m *tlsFiles) clientConfig(serverName string) (*tls.Config, error) {
 		RootCAs:      cfg.ClientCAs,
 		ServerName:   serverName,
 		MinVersion:   tls.VersionTLS12,
-		NextProtos:   []string{"h2"},
+		NextProtos:   m.protos,
 	}, nil
 }
