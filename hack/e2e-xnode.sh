@@ -61,12 +61,7 @@ mkdir -p "$logs" "$data_a" "$data_b"
 on_exit() { cluster_finish e2e-xnode $?; }
 trap on_exit EXIT
 
-if [ -n "${CSI_QCOW2_BIN:-}" ]; then
-	cp "$CSI_QCOW2_BIN" "$work/csi-qcow2"
-else
-	CGO_ENABLED=0 go build -o "$work/csi-qcow2" ./cmd/csi-qcow2
-fi
-qimg() { "$work/csi-qcow2" image "$@"; }
+csi_driver_binary
 say "built in $((SECONDS - t0)) s"
 
 step "start etcd $ETCD_VERSION, kube-apiserver and kube-controller-manager $K8S_VERSION on 127.0.0.1"

@@ -24,6 +24,8 @@
 #                                StorageClass ${class:-csi-qcow2}
 #   image_of PVC [DATADIR]       the qcow2 file behind it (DATADIR: $data)
 #   bound PVC [SECONDS]          wait until it is Bound
+#   csi_driver_binary            the driver at $work/csi-qcow2; qimg ARGS
+#                                runs its image CLI
 
 driver_name=qcow2.csi-qcow2.io
 topo_key=topology.qcow2.csi-qcow2.io/node
@@ -130,3 +132,14 @@ image_of() {
 }
 
 bound() { kubectl wait --for=jsonpath='{.status.phase}'=Bound --timeout="${2:-120}s" pvc/"$1" >/dev/null; }
+
+# csi_driver_binary: the driver at $work/csi-qcow2 (a copy of
+# CSI_QCOW2_BIN, or built from the clone); qimg runs its image CLI.
+csi_driver_binary() {
+	if [ -n "${CSI_QCOW2_BIN:-}" ]; then
+		cp "$CSI_QCOW2_BIN" "$work/csi-qcow2"
+	else
+		CGO_ENABLED=0 go build -o "$work/csi-qcow2" ./cmd/csi-qcow2
+	fi
+}
+qimg() { "$work/csi-qcow2" image "$@"; }
