@@ -156,7 +156,7 @@ func (d *Driver) startCopy(m volumeMeta, gr grantRequest, peer string, g *grantR
 	c.m[m.ID] = cc
 	c.wg.Add(1)
 	c.mu.Unlock()
-	klog.V(2).InfoS("Cross-node copy started", "volumeID", m.ID, "peer", peer, "sizeBytes", g.SizeBytes,
+	klog.InfoS("Cross-node copy started", "volumeID", m.ID, "peer", peer, "sizeBytes", g.SizeBytes,
 		"sourceSnapshotID", gr.SnapshotID, "sourceVolumeID", gr.VolumeID)
 	go func() {
 		defer c.wg.Done()
@@ -166,7 +166,7 @@ func (d *Driver) startCopy(m volumeMeta, gr grantRequest, peer string, g *grantR
 		if cc.err != nil {
 			klog.ErrorS(cc.err, "Cross-node copy failed", "volumeID", m.ID, "peer", peer, "copiedBytes", cc.copied.Load())
 		} else {
-			klog.V(2).InfoS("Cross-node copy done", "volumeID", m.ID, "peer", peer, "copiedBytes", cc.copied.Load(),
+			klog.InfoS("Cross-node copy done", "volumeID", m.ID, "peer", peer, "copiedBytes", cc.copied.Load(),
 				"seconds", time.Since(start).Seconds())
 			c.remove(m.ID, cc)
 		}

@@ -230,13 +230,12 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 		"a volume or snapshot created less than this long ago is never an orphan (a CreateVolume in flight has no PV yet)")
 	fs.DurationVar(&o.DeleteOrphansAfter, "delete-orphans-after", o.DeleteOrphansAfter,
 		"delete, through DeleteVolume and DeleteSnapshot, what every orphan check for this long found orphaned; staged volumes never (default 0: never delete, only report)")
-	// klog's verbosity, process-wide: without it the V(n) lines (a
-	// cross-node copy's start and end, peer grants, ...) could never be
-	// turned on.
+	// klog's verbosity, process-wide: without it the V(n) lines (refused
+	// peer grants, the details of many RPCs) could never be turned on.
 	kfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(kfs)
 	v := kfs.Lookup("v")
-	v.Usage = "log verbosity: 2 adds cross-node copies' start and end, peer grants and refusals; 4 debugging detail"
+	v.Usage = "log verbosity: 2 adds refused peer grants and other detail; 4 debugging detail"
 	fs.AddGoFlag(v)
 }
 

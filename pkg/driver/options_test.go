@@ -81,8 +81,8 @@ func runValidateCases(t *testing.T, tests []validateCase) {
 	}
 }
 
-// --v sets klog's verbosity: the V(2) lines (a cross-node copy's start and
-// end, peer grants) were unreachable before the flag existed.
+// --v sets klog's verbosity: the V(n) lines were unreachable before the
+// flag existed.
 func TestFlagVerbosity(t *testing.T) {
 	for _, args := range [][]string{{"--v=2"}, {"-v", "2"}} {
 		fs := pflag.NewFlagSet("test", pflag.ContinueOnError)

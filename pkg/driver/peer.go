@@ -248,7 +248,7 @@ func (p *peerService) grant(who string, req grantRequest) (*grantResponse, error
 	p.mu.Lock()
 	p.grants[token] = g
 	p.mu.Unlock()
-	klog.V(2).InfoS("Peer grant", "peer", who, "volumeID", g.volumeID, "snapshot", g.snapshot, "expires", g.expires)
+	klog.InfoS("Peer grant", "peer", who, "volumeID", g.volumeID, "snapshot", g.snapshot, "expires", g.expires)
 	return &grantResponse{Token: token, SizeBytes: g.size, Expires: g.expires}, nil
 }
 
