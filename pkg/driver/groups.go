@@ -96,7 +96,7 @@ func validateCreateGroupRequest(req *csi.CreateVolumeGroupSnapshotRequest) ([]st
 	if err := validateName("name", req.GetName()); err != nil {
 		return nil, err
 	}
-	if err := parseSnapshotParams(req.GetParameters()); err != nil {
+	if err := parseGroupSnapshotParams(req.GetParameters()); err != nil {
 		return nil, err
 	}
 	vols := slices.Sorted(slices.Values(req.GetSourceVolumeIds()))

@@ -180,6 +180,8 @@ func TestGroupSnapshotValidation(t *testing.T) {
 		{"twice", &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{a, a}}, codes.InvalidArgument, "twice"},
 		{"unknown parameter", &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{a},
 			Parameters: map[string]string{"x": "y"}}, codes.InvalidArgument, "x"},
+		{"deletionPolicy of no kind", &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{a},
+			Parameters: map[string]string{"deletionPolicy": "Keep"}}, codes.InvalidArgument, "Delete or Retain"},
 		{"one on another node", &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{a, elsewhere}},
 			codes.FailedPrecondition, elsewhere},
 		{"all elsewhere", &csi.CreateVolumeGroupSnapshotRequest{Name: "g", SourceVolumeIds: []string{elsewhere}}, codes.NotFound, elsewhere},
@@ -195,6 +197,18 @@ func TestGroupSnapshotValidation(t *testing.T) {
 	}
 	if ids, _ := e.d.store.list("groups"); len(ids) != 0 {
 		t.Fatalf("groups written: %v", ids)
+	}
+	// The class's deletionPolicy among its parameters, as Kubernetes'
+	// storage e2e suite makes the class: accepted and ignored.
+	for _, policy := range []string{"Delete", "Retain"} {
+		if _, err := e.group().CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{
+			Name: "g-" + policy, SourceVolumeIds: []string{a}, Parameters: map[string]string{"deletionPolicy": policy}}); err != nil {
+			t.Errorf("group snapshot with parameter deletionPolicy=%s: %v", policy, err)
+		}
+	}
+	if _, err := e.ctrl.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{
+		Name: "s", SourceVolumeId: a, Parameters: map[string]string{"deletionPolicy": "Delete"}}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("a single snapshot with parameter deletionPolicy: %v; want InvalidArgument (only group classes carry it)", err)
 	}
 	if _, err := e.group().GetVolumeGroupSnapshot(context.Background(), &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: groupIDFor("none")}); status.Code(err) != codes.NotFound {
 		t.Fatalf("Get of a group that does not exist: %v", err)

@@ -91,11 +91,49 @@ func parseCreateParams(params map[string]string) (createParams, error) {
 
 // parseSnapshotParams accepts only the sidecars' keys.
 func parseSnapshotParams(params map[string]string) error {
-	var unknown []string
-	for k := range params {
-		if !strings.HasPrefix(k, sidecarPrefix) {
-			unknown = append(unknown, k)
+	return checkSnapshotParams(params, nil)
+}
+
+// paramGroupDeletionPolicy is the one key a VolumeGroupSnapshotClass may
+// carry among its parameters: Kubernetes' storage e2e suite (v1.37
+// test/e2e/storage/utils GenerateVolumeGroupSnapshotClassSpec) puts the
+// class's deletionPolicy there as well as in the class's own field, so
+// every group snapshot it takes passes it on. It can mean nothing else
+// than the field of that name, which is the snapshot-controller's, not
+// ours: its values are checked and it is ignored.
+const paramGroupDeletionPolicy = "deletionPolicy"
+
+// parseGroupSnapshotParams is parseSnapshotParams for a group snapshot.
+func parseGroupSnapshotParams(params map[string]string) error {
+	return checkSnapshotParams(params, func(k, v string) (bool, error) {
+		if k != paramGroupDeletionPolicy {
+			return false, nil
 		}
+		if v != "Delete" && v != "Retain" {
+			return true, newError(errInvalid, "group snapshot parameter %s=%q: want Delete or Retain (it is the class's deletionPolicy, ignored here)", k, v)
+		}
+		return true, nil
+	})
+}
+
+// checkSnapshotParams refuses the keys that are neither the sidecars' nor
+// known to known (which may refuse a value).
+func checkSnapshotParams(params map[string]string, known func(k, v string) (bool, error)) error {
+	var unknown []string
+	for k, v := range params {
+		if strings.HasPrefix(k, sidecarPrefix) {
+			continue
+		}
+		if known != nil {
+			ok, err := known(k, v)
+			if err != nil {
+				return err
+			}
+			if ok {
+				continue
+			}
+		}
+		unknown = append(unknown, k)
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
