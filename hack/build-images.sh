@@ -43,6 +43,8 @@
 #       driver image's Debian root: multiVolume's pods run GNU dd
 #       (oflag=nocache) in it
 #   registry.k8s.io/pause:<Pause>  the pause above, under the suite's tag
+#   registry.k8s.io/sig-storage/hello-populator:<its manifest's tag>  our
+#       hack/e2e-storage/hello-populator.go (built by k8s-build.sh e2e)
 #
 # Usage: hack/build-images.sh [--require-sidecars]
 #   --require-sidecars  fail, instead of skipping, when the binary of a sidecar
@@ -330,6 +332,13 @@ stage_agnhost() {
 	mkdir -p "$s/uploads"
 }
 
+stage_hello_populator() {
+	local s=$work/stage/hello-populator
+	rm -rf "$s"
+	mkdir -p "$s"
+	install -m 0755 "$pop_bin" "$s/hello-populator"
+}
+
 e2e_images() {
 	local v=${K8S_VERSION:-v1.37.1} dir reg=registry.k8s.io/e2e-test-images id deb
 	dir=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
@@ -360,6 +369,17 @@ e2e_images() {
 		-layer "$work/stage/agnhost" \
 		-env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 		-entrypoint '["/agnhost"]' -cmd '["pause"]'
+	# "any volume data source" deploys hello-populator; ours is
+	# hack/e2e-storage/hello-populator.go (k8s-build.sh e2e builds it),
+	# under the name and tag of the suite's manifest.
+	local pop_name pop_bin
+	pop_name=$(sed -n 's/^[[:space:]]*image: \(.*hello-populator:.*\)$/\1/p' "$dir/test/e2e/testing-manifests/storage-csi/any-volume-datasource/hello-populator-deploy.yaml" | head -1)
+	[ -n "$pop_name" ] || die "no hello-populator image in the suite's hello-populator-deploy.yaml"
+	pop_bin=$k8sbin/hello-populator-$(sha256sum "$repo/hack/e2e-storage/hello-populator.go" | cut -c1-16)
+	[ -x "$pop_bin" ] || die "no $pop_bin: run hack/k8s-build.sh e2e"
+	static_go "$pop_bin"
+	image "$pop_name" "$(sha "$pop_bin")" stage_hello_populator -- \
+		-layer "$work/stage/hello-populator" -entrypoint '["/hello-populator"]'
 	tag=$(e2e_tag Pause)
 	image "registry.k8s.io/pause:$tag" "$(sha "$work/bin/pause")" stage_pause -- \
 		-layer "$work/stage/pause" -user 65535:65535 -entrypoint '["/pause"]'

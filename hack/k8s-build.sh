@@ -7,8 +7,8 @@
 #   kube-scheduler-v1.37.1 kubelet-v1.37.1 kubectl-v1.37.1 csi-provisioner-v6.3.0 csi-snapshotter-v8.7.0
 #   snapshot-controller-v8.7.0 csi-resizer-v2.3.0
 #
-# and, asked for by name only (hack/k8s-build.sh e2e), e2e-storage.test-v1.37.1
-# and agnhost-2.66.1 (hack/e2e-storage.sh).
+# and, asked for by name only (hack/k8s-build.sh e2e), e2e-storage.test-v1.37.1,
+# agnhost-2.66.1 and hello-populator-<hash> (hack/e2e-storage.sh).
 #
 # A binary that is already there is not rebuilt, so only the first run pays
 # (~25 min on 2 cores; GOCACHE and GOMODCACHE make a rebuild minutes).
@@ -127,6 +127,9 @@ build_kube() {
 #       versions, which the other targets' builds share.
 #   agnhost-<its VERSION file>  test/images/agnhost of the same module, for
 #       the image the suite names (hack/build-images.sh with E2E_IMAGES=1).
+#   hello-populator-<hash of its source>  hack/e2e-storage/hello-populator.go,
+#       in the same module (package hellopopulator/), for the hello-populator
+#       image (upstream's lib-volume-populator is not on the module proxy).
 build_e2e() {
 	local out=e2e-storage.test-$K8S_VERSION src=$repo/hack/e2e-storage/e2e_test.go
 	local key
@@ -141,6 +144,17 @@ build_e2e() {
 			go test -c -vet=off -trimpath -ldflags "$ld" -o "$bin/$out.tmp" ./e2estorage
 			mv "$bin/$out.tmp" "$bin/$out"
 			echo "$key" >"$bin/$out.key"
+		fi
+		# hello-populator-<key of its source>: the populator the "any
+		# volume data source" spec deploys (hack/build-images.sh).
+		local pop=$repo/hack/e2e-storage/hello-populator.go popkey
+		popkey=$(sha256sum "$pop" | cut -c1-16)
+		if ! have "hello-populator-$popkey"; then
+			log "  go build hello-populator-$popkey"
+			mkdir -p hellopopulator
+			grep -v '^//go:build ignore$' "$pop" >hellopopulator/main.go
+			go build -trimpath -ldflags "$ld" -o "$bin/hello-populator-$popkey.tmp" ./hellopopulator
+			mv "$bin/hello-populator-$popkey.tmp" "$bin/hello-populator-$popkey"
 		fi
 		local agnhost dir
 		dir=$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)
