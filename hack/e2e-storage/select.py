@@ -28,7 +28,7 @@ def main():
             hier = spec.get("ContainerHierarchyTexts") or []
             m = re.match(r"\[Testpattern: .*?\]\s*(\S+)", hier[1] if len(hier) > 1 else "")
             if m and m.group(1) == suite:
-                names.append(" ".join(hier + [spec.get("LeafNodeText", "")]))
+                names.append(" ".join(t for t in hier + [spec.get("LeafNodeText", "")] if t))
     if names:
         print("(" + "|".join(re.escape(n) for n in sorted(set(names))) + ")$")
 

@@ -35,7 +35,8 @@ def main():
             if spec.get("LeafNodeType") != "It":
                 continue
             hier = spec.get("ContainerHierarchyTexts") or []
-            text = " ".join(hier + [spec.get("LeafNodeText", "")])
+            # ginkgo leaves empty container texts out of the text it matches
+            text = " ".join(t for t in hier + [spec.get("LeafNodeText", "")] if t)
             if not re.search(focus, text) or (skip and re.search(skip, text)):
                 continue
             # "[Testpattern: Dynamic PV (default fs)] provisioning" (and tags)
