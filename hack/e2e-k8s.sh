@@ -106,21 +106,7 @@ qemu-io -f qcow2 -c 'write -P 0xab 0 1M' "$img" >/dev/null
 say "wrote 1 MiB of 0xab at offset 0 (qemu-io)"
 
 step "VolumeSnapshot snap of pvc/data -> readyToUse, an internal snapshot of the image"
-kubectl apply -f - <<EOF | sed 's/^/    /'
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata:
-  name: snap
-  namespace: default
-spec:
-  volumeSnapshotClassName: csi-qcow2
-  source:
-    persistentVolumeClaimName: data
-EOF
-kubectl wait --for=jsonpath='{.status.readyToUse}'=true --timeout=120s volumesnapshot/snap >/dev/null ||
-	fail "volumesnapshot/snap not ready"
-vsc=$(kubectl get volumesnapshot snap -o jsonpath='{.status.boundVolumeSnapshotContentName}')
-snap_handle=$(kubectl get volumesnapshotcontent "$vsc" -o jsonpath='{.status.snapshotHandle}')
+csi_snapshot snap data
 say "volumesnapshot/snap readyToUse, restoreSize $(kubectl get volumesnapshot snap -o jsonpath='{.status.restoreSize}'), content $vsc managed-by=$(kubectl get volumesnapshotcontent "$vsc" -o jsonpath='{.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}'), handle $snap_handle"
 qimg snapshot -l "$img" | sed 's/^/    /'
 qimg snapshot -l "$img" | grep -q "$snap_handle" || fail "$snap_handle is not an internal snapshot of $img"

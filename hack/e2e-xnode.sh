@@ -147,21 +147,7 @@ cmds=()
 for i in $(seq 0 15); do cmds+=(-c "write -P $((i + 1)) $((i * 4))M 3M"); done
 qemu-io -f qcow2 "${cmds[@]}" -c 'write -z 9M 1M' "$img" >/dev/null
 say "pvc/src on node-a: $(basename "$img"), $(qemu-img info --output json "$img" | sed -n 's/.*"actual-size": \([0-9]*\).*/\1/p') bytes on disk after 16 runs of 3 MiB and 1 MiB of zeros over one (47 MiB of data, qemu-io)"
-kubectl apply -f - <<EOF | sed 's/^/    /'
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata:
-  name: snap
-  namespace: default
-spec:
-  volumeSnapshotClassName: csi-qcow2
-  source:
-    persistentVolumeClaimName: src
-EOF
-kubectl wait --for=jsonpath='{.status.readyToUse}'=true --timeout=120s volumesnapshot/snap >/dev/null ||
-	fail "volumesnapshot/snap not ready"
-vsc=$(kubectl get volumesnapshot snap -o jsonpath='{.status.boundVolumeSnapshotContentName}')
-snap_handle=$(kubectl get volumesnapshotcontent "$vsc" -o jsonpath='{.status.snapshotHandle}')
+csi_snapshot snap src
 say "volumesnapshot/snap readyToUse, content $vsc (node label $(kubectl get volumesnapshotcontent "$vsc" -o jsonpath='{.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}')), handle $snap_handle"
 qimg snapshot -l "$img" | grep -q "$snap_handle" || fail "$snap_handle is not an internal snapshot of $img"
 qimg convert -l "$snap_handle" -O raw "$img" "$work/snap.raw"

@@ -26,6 +26,9 @@
 #   bound PVC [SECONDS]          wait until it is Bound
 #   csi_driver_binary            the driver at $work/csi-qcow2; qimg ARGS
 #                                runs its image CLI
+#   csi_snapshot NAME PVC        a VolumeSnapshot of PVC in default, waited
+#                                for readyToUse; sets vsc (its content) and
+#                                snap_handle
 
 driver_name=qcow2.csi-qcow2.io
 topo_key=topology.qcow2.csi-qcow2.io/node
@@ -143,3 +146,21 @@ csi_driver_binary() {
 	fi
 }
 qimg() { "$work/csi-qcow2" image "$@"; }
+
+csi_snapshot() {
+	kubectl apply -f - <<-EOF | sed 's/^/    /'
+		apiVersion: snapshot.storage.k8s.io/v1
+		kind: VolumeSnapshot
+		metadata:
+		  name: $1
+		  namespace: default
+		spec:
+		  volumeSnapshotClassName: csi-qcow2
+		  source:
+		    persistentVolumeClaimName: $2
+	EOF
+	kubectl wait --for=jsonpath='{.status.readyToUse}'=true --timeout=120s volumesnapshot/"$1" >/dev/null ||
+		fail "volumesnapshot/$1 not ready"
+	vsc=$(kubectl get volumesnapshot "$1" -o jsonpath='{.status.boundVolumeSnapshotContentName}')
+	snap_handle=$(kubectl get volumesnapshotcontent "$vsc" -o jsonpath='{.status.snapshotHandle}')
+}
