@@ -133,6 +133,13 @@ pv_node() { # the node of PVC $1's PV's nodeAffinity
 	kubectl get pv "$pv" -o jsonpath="{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[?(@.key==\"$topo_key\")].values[0]}"
 }
 handle_of() { kubectl get pv "$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
+# on_node_b PVC: its image is in node-b's data dir and not in node-a's;
+# sets handle.
+on_node_b() {
+	handle=$(handle_of "$1")
+	[ -f "$data_b/volumes/$handle.qcow2" ] || fail "no image of pvc/$1 ($handle) on node-b"
+	[ ! -e "$data_a/volumes/$handle.qcow2" ] || fail "the image of pvc/$1 ($handle) is on node-a too"
+}
 
 step "PVC src (256Mi, selected-node node-a) -> Bound on node-a; 47 MiB of data with holes in its first 64 MiB; VolumeSnapshot snap; then src changed"
 node=node-a pvc src 256Mi | sed 's/^/    /'
@@ -173,10 +180,8 @@ done
 say "pvc/restored Bound $((SECONDS - t_restore)) s after it was made"
 [ "$(pv_node restored)" = node-b ] || fail "pvc/restored's PV is on $(pv_node restored), not node-b"
 say "its PV's nodeAffinity: $topo_key in [$(pv_node restored)]"
-rh=$(handle_of restored)
-rimg=$data_b/volumes/$rh.qcow2
-[ -f "$rimg" ] || fail "no image $rimg on node-b"
-[ ! -e "$data_a/volumes/$rh.qcow2" ] || fail "$rh is on node-a too"
+on_node_b restored
+rh=$handle rimg=$data_b/volumes/$rh.qcow2
 say "image $rh.qcow2 in node-b's data dir, not in node-a's"
 qemu-img compare -q -f raw -F qcow2 "$work/snap.raw" "$rimg" || fail "restored image differs from the snapshot"
 say "qemu-img compare: restored == snapshot view (csi-qcow2 image convert -l $snap_handle)"
@@ -195,10 +200,8 @@ node=node-b class=$xclass pvc clone 256Mi "  dataSource: {kind: PersistentVolume
 bound clone || fail "pvc/clone not bound"
 say "pvc/clone Bound $((SECONDS - t_clone)) s after it was made"
 [ "$(pv_node clone)" = node-b ] || fail "pvc/clone's PV is on $(pv_node clone), not node-b"
-ch=$(handle_of clone)
-cimg=$data_b/volumes/$ch.qcow2
-[ -f "$cimg" ] || fail "no image $cimg on node-b"
-[ ! -e "$data_a/volumes/$ch.qcow2" ] || fail "$ch is on node-a too"
+on_node_b clone
+ch=$handle cimg=$data_b/volumes/$ch.qcow2
 say "its PV's nodeAffinity: $topo_key in [node-b]; image $ch.qcow2 in node-b's data dir only"
 qemu-img compare -q -f qcow2 -F qcow2 "$img" "$cimg" || fail "clone differs from pvc/src"
 qemu-io -r -f qcow2 -c 'read -P 0xcd 0 1M' -c 'read -P 0xce 3M 1M' -c 'read -P 0 4M 1M' "$cimg" |
