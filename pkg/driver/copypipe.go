@@ -30,11 +30,12 @@ const pipeDepth = 4
 // returns the drain's error instead.
 var errPipeStopped = errors.New("copy pipeline stopped")
 
-// startPipe starts the drain. Every buffer is size bytes.
+// startPipe starts the drain. Every buffer is size bytes, aligned for
+// O_DIRECT (directio.go).
 func startPipe(size int, drain func(off int64, p []byte) error) *copyPipe {
 	p := &copyPipe{free: make(chan []byte, pipeDepth), full: make(chan pipePiece, pipeDepth), errc: make(chan error, 1)}
 	for range pipeDepth {
-		p.free <- make([]byte, size)
+		p.free <- alignedBuffer(size)
 	}
 	go func() {
 		var err error

@@ -216,16 +216,25 @@ func (d *Driver) runCopy(ctx context.Context, cc *crossCopy, gr grantRequest, g 
 
 // copyFromPeer reads the grant's frames into a new image at tmp.
 func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantRequest, g *grantResponse, tmp string) error {
-	dst, err := qcow2.Create(tmp, createOptions(&cc.meta))
+	f, direct, err := createDirectFile(tmp)
 	if err != nil {
+		return err
+	}
+	dst, err := qcow2.CreateFile(f, createOptions(&cc.meta))
+	if err != nil {
+		f.Close()
 		return err
 	}
 	defer dst.Close()
-	wb, err := newWriteBehind(tmp, dst)
-	if err != nil {
-		return err
+	var w io.WriterAt = dst
+	if !direct {
+		wb, err := newWriteBehind(tmp, dst)
+		if err != nil {
+			return err
+		}
+		defer wb.Close()
+		w = wb
 	}
-	defer wb.Close()
 	body, err := d.peerRead(ctx, cc.peer, gr, g.Token)
 	if err != nil {
 		return err
@@ -234,7 +243,7 @@ func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantReques
 	stop := make(chan struct{})
 	defer close(stop)
 	go cc.logProgress(stop)
-	if err := readFrames(body, wb, g.SizeBytes, &cc.copied); err != nil {
+	if err := readFrames(body, w, g.SizeBytes, &cc.copied); err != nil {
 		return fmt.Errorf("copy from peer %s: %w", cc.peer, err)
 	}
 	if err := dst.Flush(); err != nil {
@@ -243,8 +252,9 @@ func (d *Driver) copyFromPeer(ctx context.Context, cc *crossCopy, gr grantReques
 	return dst.Close()
 }
 
-// writeBehind is the new image of a copy, with its data pushed out of the
-// page cache as the copy goes: every writeBehindBytes it asks the kernel
+// writeBehind is the new image of a copy on a filesystem that refuses
+// O_DIRECT (directio.go), with its data pushed out of the page cache as
+// the copy goes: every writeBehindBytes it asks the kernel
 // (POSIX_FADV_DONTNEED on a second descriptor of the file) to start
 // writing the dirty pages back and to drop the ones already written. The
 // copy of a large volume then neither evicts the node's other cached data

@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -405,9 +404,11 @@ func (p *peerService) handleRead(w http.ResponseWriter, r *http.Request) {
 			return err
 		}
 		defer v.Close()
+		src := newSnapshotReader(v, p.d.store.imagePath(g.volumeID))
+		defer src.Close()
 		w.Header().Set("Content-Type", "application/octet-stream")
 		started = true
-		return writeFrames(r.Context(), w, v, v.Size())
+		return writeFrames(r.Context(), w, src, v.Size())
 	})
 	if err == nil {
 		unlock()
@@ -434,18 +435,18 @@ func (p *peerService) handleRead(w http.ResponseWriter, r *http.Request) {
 // CPU at many GB/s where SHA-256 would halve the copy's speed
 // (docs/driver.md). Runs the allocation map shows as
 // zeros are not read; 64 KiB blocks of zeros are not sent.
-func writeFrames(ctx context.Context, w io.Writer, src *qcow2.SnapshotView, size int64) error {
+func writeFrames(ctx context.Context, w io.Writer, src *snapshotReader, size int64) error {
 	h := crc32.New(castagnoli)
-	bw := bufio.NewWriterSize(io.MultiWriter(w, h), 1<<20)
+	// No buffer of our own: a frame's data goes from the pipe's buffer to
+	// w (the HTTP response, which buffers small writes such as headers)
+	// without another copy.
+	fw := io.MultiWriter(w, h)
 	// The image is read here, framed and written by the pipe's goroutine.
-	p := startPipe(peerMaxFrame, func(off int64, b []byte) error { return writeDataRuns(bw, b, off) })
+	p := startPipe(peerMaxFrame, func(off int64, b []byte) error { return writeDataRuns(fw, b, off) })
 	if err := p.finish(readExtents(ctx, src, size, p)); err != nil {
 		return err
 	}
-	if err := writeFrameHeader(bw, uint64(size), peerFrameEnd); err != nil {
-		return err
-	}
-	if err := bw.Flush(); err != nil {
+	if err := writeFrameHeader(fw, uint64(size), peerFrameEnd); err != nil {
 		return err
 	}
 	_, err := w.Write(h.Sum(nil))
@@ -454,14 +455,14 @@ func writeFrames(ctx context.Context, w io.Writer, src *qcow2.SnapshotView, size
 
 // readExtents sends what src's allocation map does not show as zeros
 // into p, a buffer at a time.
-func readExtents(ctx context.Context, src *qcow2.SnapshotView, size int64, p *copyPipe) error {
+func readExtents(ctx context.Context, src *snapshotReader, size int64, p *copyPipe) error {
 	for off := int64(0); off < size; {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		// The map a window at a time: one call for the whole disk would
 		// hold every extent of it at once.
-		ext, err := src.Extents(off, min(size-off, extentWindow))
+		ext, err := src.view.Extents(off, min(size-off, extentWindow))
 		if err != nil {
 			return err
 		}
@@ -483,7 +484,7 @@ func readExtents(ctx context.Context, src *qcow2.SnapshotView, size int64, p *co
 const extentWindow = 1 << 30
 
 // sendExtent reads the data of one extent into p's buffers.
-func sendExtent(src io.ReaderAt, e qcow2.Extent, p *copyPipe) error {
+func sendExtent(src *snapshotReader, e qcow2.Extent, p *copyPipe) error {
 	if e.Zero {
 		return nil
 	}
@@ -493,7 +494,7 @@ func sendExtent(src io.ReaderAt, e qcow2.Extent, p *copyPipe) error {
 			return errPipeStopped
 		}
 		n := min(end-off, int64(len(buf)))
-		if _, err := src.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
+		if err := src.readExtent(buf[:n], e, off); err != nil {
 			return fmt.Errorf("read at %d: %w", off, err)
 		}
 		p.send(off, buf[:n])

@@ -59,7 +59,8 @@ func FuzzReadFrames(f *testing.F) {
 
 // fuzzStream is what writeFrames sends for an image with these writes.
 func fuzzStream(f *testing.F, writes map[int64][]byte) []byte {
-	img, err := qcow2.Create(f.TempDir()+"/f.qcow2", qcow2.CreateOptions{Size: fuzzSize, ClusterSize: 4096, Perm: 0o600})
+	path := f.TempDir() + "/f.qcow2"
+	img, err := qcow2.Create(path, qcow2.CreateOptions{Size: fuzzSize, ClusterSize: 4096, Perm: 0o600})
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -77,8 +78,10 @@ func fuzzStream(f *testing.F, writes map[int64][]byte) []byte {
 		f.Fatal(err)
 	}
 	defer v.Close()
+	src := newSnapshotReader(v, path)
+	defer src.Close()
 	var buf bytes.Buffer
-	if err := writeFrames(context.Background(), &buf, v, v.Size()); err != nil {
+	if err := writeFrames(context.Background(), &buf, src, v.Size()); err != nil {
 		f.Fatal(err)
 	}
 	var copied atomic.Int64
