@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"strings"
 	"sync/atomic"
 	"testing"
 )
@@ -83,3 +84,22 @@ var errFailingWrite = errors.New("injected write error")
 type failingWriterAt struct{}
 
 func (failingWriterAt) WriteAt([]byte, int64) (int, error) { return 0, errFailingWrite }
+
+// TestReadFramesChecksum: a stream with one bit flipped in a frame's
+// data, in a header or in the checksum is refused with a CRC-32C
+// mismatch (the bytes still parse); the stream as sent is accepted.
+func TestReadFramesChecksum(t *testing.T) {
+	stream := fuzzStream(t, map[int64][]byte{0: bytes.Repeat([]byte{7}, 8192), 512 << 10: []byte("tail")})
+	var copied atomic.Int64
+	if err := readFrames(bytes.NewReader(stream), &boundedWriter{size: fuzzSize}, fuzzSize, &copied); err != nil || copied.Load() == 0 {
+		t.Fatalf("the stream as sent: %v, %d bytes copied", err, copied.Load())
+	}
+	for name, at := range map[string]int{"data": 16 + 100, "offset": 6, "checksum": len(stream) - 1} {
+		bad := bytes.Clone(stream)
+		bad[at] ^= 0x10
+		err := readFrames(bytes.NewReader(bad), &boundedWriter{size: fuzzSize}, fuzzSize, &copied)
+		if !errors.Is(err, errBadStream) || !strings.Contains(err.Error(), "CRC-32C mismatch") {
+			t.Errorf("a bit flipped in the %s: %v; want a CRC-32C mismatch", name, err)
+		}
+	}
+}

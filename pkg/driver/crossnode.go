@@ -307,20 +307,25 @@ var errBadStream = errors.New("peer stream")
 
 // readFrames writes writeFrames' data runs into dst and checks the end
 // frame: the size granted and the CRC-32C of all the frames. copied counts
-// the data bytes written. The network is read here, dst written by the
-// pipe's goroutine.
+// the data bytes written. The network is read (and decrypted) here; the
+// pipe's goroutine sums each frame, header and data, in stream order, and
+// writes dst: the checksum is off the network's path, which is the
+// receiver's busiest.
 func readFrames(r io.Reader, dst io.WriterAt, size int64, copied *atomic.Int64) error {
 	h := crc32.New(castagnoli)
 	p := startPipe(peerMaxFrame, func(off int64, b []byte) error {
+		writeFrameHeader(h, uint64(off), uint64(len(b)))
+		h.Write(b)
 		if _, err := dst.WriteAt(b, off); err != nil {
 			return fmt.Errorf("write at %d: %w", off, err)
 		}
 		copied.Add(int64(len(b)))
 		return nil
 	})
-	if err := p.finish(readDataFrames(io.TeeReader(r, h), p, size)); err != nil {
+	if err := p.finish(readDataFrames(r, p, size)); err != nil {
 		return err
 	}
+	writeFrameHeader(h, uint64(size), peerFrameEnd)
 	want := h.Sum(nil)
 	var got [crc32.Size]byte
 	if _, err := io.ReadFull(r, got[:]); err != nil {

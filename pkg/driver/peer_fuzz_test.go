@@ -58,7 +58,7 @@ func FuzzReadFrames(f *testing.F) {
 }
 
 // fuzzStream is what writeFrames sends for an image with these writes.
-func fuzzStream(f *testing.F, writes map[int64][]byte) []byte {
+func fuzzStream(f testing.TB, writes map[int64][]byte) []byte {
 	path := f.TempDir() + "/f.qcow2"
 	img, err := qcow2.Create(path, qcow2.CreateOptions{Size: fuzzSize, ClusterSize: 4096, Perm: 0o600})
 	if err != nil {
