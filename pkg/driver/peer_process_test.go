@@ -154,6 +154,12 @@ func (p *driverProcess) images() []string {
 	return left
 }
 
+// tmpImages are the images of copies in flight or left behind.
+func (p *driverProcess) tmpImages() []string {
+	left, _ := filepath.Glob(filepath.Join(p.dir, "data", "volumes", "*.tmp"))
+	return left
+}
+
 // copyProgress matches CreateVolume's answer while a copy runs.
 var copyProgress = regexp.MustCompile(`in progress, ([0-9]+) of [0-9]+ bytes`)
 
@@ -240,6 +246,35 @@ func checkProcessCopy(t *testing.T, p *driverProcess, id string, size int64) {
 	}
 }
 
+// killHolderMidCopy SIGKILLs a while b copies req from it: b's copy fails
+// with its reason and leaves no image behind.
+func killHolderMidCopy(t *testing.T, a, b *driverProcess, req *csi.CreateVolumeRequest) {
+	t.Helper()
+	b.whenCopying(req)
+	a.kill()
+	if _, err := b.createUntil(req, copyFailed); status.Code(err) != codes.Unavailable || !copyFailed(err) {
+		t.Fatalf("CreateVolume(%s) once the holder is gone = %v; want Unavailable, copy failed", req.GetName(), err)
+	}
+	if left := b.tmpImages(); len(left) != 0 {
+		t.Errorf("left in node b's data dir by the failed copy: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(b.dir, "data", "volumes", volumeIDFor(req.GetName())+imageExt)); err == nil {
+		t.Errorf("node b has an image of %s after its copy failed", req.GetName())
+	}
+}
+
+// copiedWhole retries req on b until its copy is done and checks the
+// copy; it returns the new volume's id.
+func copiedWhole(t *testing.T, b *driverProcess, req *csi.CreateVolumeRequest, size int64) string {
+	t.Helper()
+	v, err := b.createUntil(req, never)
+	if err != nil {
+		t.Fatalf("CreateVolume(%s) once both nodes are up: %v", req.GetName(), err)
+	}
+	checkProcessCopy(t, b, v.GetVolumeId(), size)
+	return v.GetVolumeId()
+}
+
 // TestCrossNodeProcesses: two driver processes, each with its own data
 // dir and its peer service on a loopback port, play two nodes. Node b
 // restores and clones node a's snapshot and volume, and each side is
@@ -259,28 +294,13 @@ func TestCrossNodeProcesses(t *testing.T) {
 
 	t.Log("the holder, node a, is killed mid-restore")
 	restore := restoreReq("restored", snap, size)
-	b.whenCopying(restore)
-	a.kill()
-	if _, err := b.createUntil(restore, copyFailed); status.Code(err) != codes.Unavailable || !copyFailed(err) {
-		t.Fatalf("CreateVolume once the holder is gone = %v; want Unavailable, copy failed", err)
-	}
-	if left := b.images(); len(left) != 0 {
-		t.Errorf("left in node b's data dir by the failed copy: %v", left)
-	}
+	killHolderMidCopy(t, a, b, restore)
 	a.restart()
-	v, err := b.createUntil(restore, never)
-	if err != nil {
-		t.Fatalf("CreateVolume once the holder is back: %v", err)
-	}
-	checkProcessCopy(t, b, v.GetVolumeId(), size)
+	v := copiedWhole(t, b, restore, size)
 
 	t.Log("the holder is killed mid-clone: its temporary snapshot is dropped when it is back")
 	clone := cloneReq("cloned", vol, size)
-	b.whenCopying(clone)
-	a.kill()
-	if _, err := b.createUntil(clone, copyFailed); !copyFailed(err) {
-		t.Fatalf("CreateVolume of the clone once the holder is gone = %v; want copy failed", err)
-	}
+	killHolderMidCopy(t, a, b, clone)
 	a.restart()
 	img, err := qcow2.Open(filepath.Join(a.dir, "data", "volumes", vol+imageExt), qcow2.OpenOptions{ReadOnly: true})
 	if err != nil {
@@ -290,27 +310,17 @@ func TestCrossNodeProcesses(t *testing.T) {
 		t.Errorf("node a's volume has %d snapshots after its restart; want the one CreateSnapshot took", len(s))
 	}
 	img.Close()
-	c, err := b.createUntil(clone, never)
-	if err != nil {
-		t.Fatalf("clone once the holder is back: %v", err)
-	}
-	checkProcessCopy(t, b, c.GetVolumeId(), size)
+	c := copiedWhole(t, b, clone, size)
 
 	t.Log("the receiver, node b, is killed mid-restore")
 	again := restoreReq("restored-2", snap, size)
 	b.whenCopying(again)
 	b.restart()
-	for _, f := range b.images() {
-		if strings.HasSuffix(f, ".tmp") {
-			t.Errorf("node b kept a copy's image from before its restart: %s", f)
-		}
+	if left := b.tmpImages(); len(left) != 0 {
+		t.Errorf("node b kept a copy's image from before its restart: %v", left)
 	}
-	v2, err := b.createUntil(again, never)
-	if err != nil {
-		t.Fatalf("CreateVolume once the receiver is back: %v", err)
-	}
-	checkProcessCopy(t, b, v2.GetVolumeId(), size)
-	for _, id := range []string{v.GetVolumeId(), c.GetVolumeId(), v2.GetVolumeId()} {
+	v2 := copiedWhole(t, b, again, size)
+	for _, id := range []string{v, c, v2} {
 		if _, err := b.ctl.DeleteVolume(context.Background(), &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Error(err)
 		}
