@@ -6,7 +6,7 @@ GO      ?= go
 BIN     := _out/csi-qcow2
 DATADIR ?= $(CURDIR)/_out/data
 
-.PHONY: build run test deps vet unit fuzz kill-rounds guest bench bench-nbd bench-driver
+.PHONY: build run test deps vet unit fuzz kill-rounds guest bench bench-nbd bench-driver bench-xnode
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/csi-qcow2
@@ -64,6 +64,12 @@ bench-nbd:
 # of make test).
 bench-driver:
 	hack/bench-driver.sh
+
+# A cross-node restore between two drivers on loopback against a sequential
+# read of its source, with the source's disk as it is and capped at a few
+# read speeds (blkio, as root; ~5 min; not part of make test).
+bench-xnode:
+	hack/bench-xnode.sh
 
 # deploy/kubernetes against a real control plane and the CSI sidecars, built
 # from source and cached in ~/.cache/csi-qcow2/k8s (outside the clone) by hack/k8s-build.sh: ~35 min of
