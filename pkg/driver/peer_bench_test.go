@@ -183,15 +183,15 @@ func dropCache(b *testing.B, path string) {
 // O_DIRECT).
 func timeRead(b *testing.B, path string, direct bool) time.Duration {
 	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
 	buf := make([]byte, 1<<20)
 	if direct {
 		if df, derr := openDirect(path, os.O_RDONLY); derr == nil {
 			f.Close()
 			f, buf = df, alignedBuffer(4<<20)
 		}
-	}
-	if err != nil {
-		b.Fatal(err)
 	}
 	defer f.Close()
 	start := time.Now()
