@@ -77,7 +77,9 @@ func newSnapshotReader(view *qcow2.SnapshotView, path string) *snapshotReader {
 // readExtent fills p with the guest bytes at off, which lie in e. The
 // view guarantees e's clusters are neither freed nor rewritten while it
 // is open (a write to the volume copies them), so the file holds the
-// snapshot's bytes where the map says.
+// snapshot's bytes where the map says, as they are: the engine refuses
+// encrypted images and external data files, the two cases where it
+// would not.
 func (r *snapshotReader) readExtent(p []byte, e qcow2.Extent, off int64) error {
 	if r.direct != nil && e.Data && e.Depth == 0 && !e.Compressed && e.Offset >= 0 {
 		host := e.Offset + (off - e.Start)
